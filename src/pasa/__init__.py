@@ -1,0 +1,17 @@
+"""PASA: Precision-Allocated Sparse Attention for video diffusion transformers."""
+
+from pasa.attention import plan_blocks, sparse_attention
+from pasa.config import PASAConfig
+from pasa.layout import TokenLayout, make_layout
+from pasa.plan import BlockPlan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BlockPlan",
+    "PASAConfig",
+    "TokenLayout",
+    "make_layout",
+    "plan_blocks",
+    "sparse_attention",
+]

@@ -1,0 +1,196 @@
+"""``sparse_attention``: validate, plan, dispatch to a backend, restore token order."""
+
+from __future__ import annotations
+
+import torch
+
+from pasa.backends.registry import get_backend
+from pasa.config import PASAConfig
+from pasa.estimate import block_mass
+from pasa.layout import Grid, TokenLayout, make_layout
+from pasa.plan import BlockPlan
+from pasa.route import select_blocks
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+def validate_qkv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    grid: Grid,
+    num_text_tokens: int,
+    check_finite: bool,
+) -> None:
+    """Raise ValueError naming the problem if q, k, v cannot go through PASA."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have rank 4 (B, S, H, D), got shape {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name} has unsupported dtype {t.dtype}: use fp16, bf16 or fp32")
+    if q.shape != k.shape or k.shape != v.shape:
+        raise ValueError(
+            "q, k, v must have the same shape (B, S, H, D) for self-attention, got "
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if q.dtype != k.dtype or k.dtype != v.dtype:
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if len({q.device, k.device, v.device}) != 1:
+        raise ValueError("q, k, v must be on the same device")
+    _, seq, _, dim = q.shape
+    if dim > MAX_HEAD_DIM:
+        raise ValueError(f"head dim {dim} is larger than the supported {MAX_HEAD_DIM}")
+    if len(grid) != 3 or any(int(g) < 1 for g in grid):
+        raise ValueError(f"grid must be three positive ints (F, H, W), got {tuple(grid)}")
+    if num_text_tokens < 0:
+        raise ValueError(f"num_text_tokens must be >= 0, got {num_text_tokens}")
+    f, h, w = (int(g) for g in grid)
+    if seq != f * h * w + num_text_tokens:
+        raise ValueError(
+            f"sequence length {seq} != F*H*W + num_text_tokens = {f}*{h}*{w} + {num_text_tokens}"
+            f" = {f * h * w + num_text_tokens}"
+        )
+    if check_finite:
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(
+                    f"{name} contains NaN or Inf (set PASAConfig(check_finite=False) to skip this check)"
+                )
+
+
+def layout_for(
+    q: torch.Tensor, *, grid: Grid, config: PASAConfig, num_text_tokens: int = 0
+) -> TokenLayout:
+    """The token layout ``config`` gives a call with this grid and text length."""
+    return make_layout(
+        grid,
+        block_size=config.block_size,
+        tile=config.tile,
+        num_text_tokens=num_text_tokens,
+        device=q.device,
+    )
+
+
+def plan_blocks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    grid: Grid,
+    config: PASAConfig,
+    step: int = 0,
+    layer: int = 0,
+    num_text_tokens: int = 0,
+    density: float | None = None,
+    head_offset: int = 0,
+) -> BlockPlan:
+    """Estimate block importance and route: the plan ``sparse_attention`` would compute.
+
+    Args:
+        q, k: ``(B, S, H, D)``, video tokens frame-major then ``num_text_tokens`` text tokens.
+        density: overrides ``config.density`` for this call (the per-step budget).
+        head_offset: global index of local head 0 (context parallelism).
+    Returns:
+        :class:`BlockPlan` with ``kv_indices (B, H, Nq, Kmax)`` in the tiled block order.
+    """
+    layout = layout_for(q, grid=grid, config=config, num_text_tokens=num_text_tokens)
+    return _plan_tiled(
+        layout.to_blocks(q), layout.to_blocks(k), layout, config, step, layer, density, head_offset
+    )
+
+
+def _plan_tiled(
+    qt: torch.Tensor,
+    kt: torch.Tensor,
+    layout: TokenLayout,
+    config: PASAConfig,
+    step: int,
+    layer: int,
+    density: float | None,
+    head_offset: int,
+) -> BlockPlan:
+    density = config.density if density is None else density
+    if density >= 1.0:  # dense: no estimate needed
+        n = layout.num_blocks
+        mass = qt.new_ones((qt.shape[0], qt.shape[2], n, n), dtype=torch.float32)
+    else:
+        mass = block_mass(qt, kt, block_size=config.block_size, group_size=config.group_size)
+    return select_blocks(
+        mass,
+        layout=layout,
+        config=config,
+        density=density,
+        step=step,
+        layer=layer,
+        head_offset=head_offset,
+    )
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    grid: Grid,
+    config: PASAConfig,
+    step: int = 0,
+    layer: int = 0,
+    num_text_tokens: int = 0,
+    return_lse: bool = False,
+    plan: BlockPlan | None = None,
+    density: float | None = None,
+    head_offset: int = 0,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """PASA block-sparse self-attention.
+
+    Args:
+        q, k, v: ``(B, S, H, D)`` (the diffusers / FlashAttention layout), fp16 / bf16 / fp32,
+            ``S = F*H*W + num_text_tokens``: video tokens frame-major, then text tokens.
+        grid: ``(F, H, W)`` video token grid.
+        config: :class:`PASAConfig`.
+        step, layer: denoising step and layer index; they key the routing noise.
+        num_text_tokens: text tokens at the end of the sequence (joint attention).
+        return_lse: also return the log-sum-exp ``(B, H, S)`` fp32, natural log.
+        plan: a precomputed :class:`BlockPlan` (from :func:`plan_blocks`); skips estimate and
+            routing.
+        density: overrides ``config.density`` for this call; >= 1 computes every block.
+        head_offset: global index of local head 0 (context parallelism).
+    Returns:
+        ``(B, S, H, D)`` in the input dtype, and the LSE when ``return_lse``.
+
+    Example:
+        >>> import torch, pasa
+        >>> q = k = v = torch.randn(1, 4 * 16 * 16, 2, 64)
+        >>> out = pasa.sparse_attention(q, k, v, grid=(4, 16, 16), config=pasa.PASAConfig(density=0.25))
+        >>> out.shape
+        torch.Size([1, 1024, 2, 64])
+    """
+    validate_qkv(
+        q, k, v, grid=grid, num_text_tokens=num_text_tokens, check_finite=config.check_finite
+    )
+    backend = get_backend(config.backend, q.device)
+    layout = layout_for(q, grid=grid, config=config, num_text_tokens=num_text_tokens)
+    qt, kt, vt = layout.to_blocks(q), layout.to_blocks(k), layout.to_blocks(v)  # (B, S, H, D)
+    if plan is None:
+        plan = _plan_tiled(qt, kt, layout, config, step, layer, density, head_offset)
+    elif plan.layout.num_blocks != layout.num_blocks or plan.kv_counts.shape != (
+        q.shape[0],
+        q.shape[2],
+        layout.num_blocks,
+    ):
+        raise ValueError(
+            f"plan of shape {tuple(plan.kv_counts.shape)} does not fit this call "
+            f"(B, H, Nq) = ({q.shape[0]}, {q.shape[2]}, {layout.num_blocks})"
+        )
+    out, lse = backend.fn(qt, kt, vt, plan)
+    if config.approximate:
+        from pasa.approximate import add_approximate_branch
+
+        out, lse = add_approximate_branch(qt, kt, vt, plan, out, lse, group_size=config.group_size)
+    out = layout.from_blocks(out.to(q.dtype))
+    if return_lse:
+        return out, layout.from_blocks(lse, dim=2)
+    return out

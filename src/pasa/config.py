@@ -1,0 +1,119 @@
+"""PASA configuration: one frozen dataclass, validated on construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+Selection = Literal["top_p", "top_k"]
+BudgetMode = Literal["fixed", "online", "profile"]
+
+SELECTIONS = ("top_p", "top_k")
+BUDGET_MODES = ("fixed", "online", "profile")
+BACKENDS = ("auto", "reference", "flex", "fa4")
+GROUP_SIZES_HINT = "a divisor of block_size that is a multiple of 16 (16, 32, 64, ...)"
+
+
+def _fail(name: str, value: object, allowed: str) -> None:
+    raise ValueError(f"PASAConfig.{name}={value!r} is invalid: allowed {allowed}")
+
+
+@dataclass(frozen=True)
+class PASAConfig:
+    """Everything PASA needs to decide which attention blocks to compute.
+
+    Attributes:
+        density: target mean fraction of key blocks computed, in (0, 1]. 1 means dense.
+        block_size: tokens per block, the unit the kernel skips or computes (128 for FA4).
+        group_size: tokens per group inside a block, the unit of the importance estimate.
+            ``group_size == block_size`` is plain mean pooling (one group per block).
+        tile: ``(tf, th, tw)`` box of video tokens that forms one block, or ``"auto"``.
+        temperature: tau >= 0 of the Gumbel selection bias; 0 is deterministic routing.
+        selection: ``"top_p"`` (per-row cumulative mass, the threshold chosen so that the mean
+            count meets ``density``) or ``"top_k"`` (the same count for every row).
+        min_blocks: floor on key blocks per query-block row (diagonal and text blocks count).
+        max_blocks: ceiling on key blocks per row, or None for no ceiling.
+        seed: seed of the counter-based routing noise.
+        budget: ``"fixed"`` (every step at ``density``), ``"online"`` (curvature-driven, no
+            calibration) or ``"profile"`` (curvature recorded once, loaded from ``profile_path``).
+        dense_quantile: share of denoising steps, those of highest curvature, run dense.
+        min_step_density: floor on one step's density when the budget varies it by step.
+        profile_path: JSON profile for ``budget="profile"``.
+        approximate: cover unselected blocks with group-mean keys and values (ablation).
+        backend: ``"auto"``, ``"reference"``, ``"flex"`` or ``"fa4"``.
+        check_finite: reject NaN / Inf inputs (costs one reduction per call).
+    """
+
+    density: float = 0.15
+    block_size: int = 128
+    group_size: int = 32
+    tile: tuple[int, int, int] | Literal["auto"] = "auto"
+    temperature: float = 0.5
+    selection: Selection = "top_p"
+    min_blocks: int = 1
+    max_blocks: int | None = None
+    seed: int = 0
+    budget: BudgetMode = "fixed"
+    dense_quantile: float = 0.1
+    min_step_density: float = 0.05
+    profile_path: str | None = field(default=None, compare=False)
+    approximate: bool = False
+    backend: str = "auto"
+    check_finite: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tile, list):
+            object.__setattr__(self, "tile", tuple(self.tile))
+        if not (isinstance(self.density, (int, float)) and 0.0 < self.density <= 1.0):
+            _fail("density", self.density, "a number in (0, 1]")
+        if not isinstance(self.block_size, int) or self.block_size < 16 or self.block_size % 16:
+            _fail("block_size", self.block_size, "a positive multiple of 16 (128 for FA4)")
+        if (
+            not isinstance(self.group_size, int)
+            or self.group_size < 1
+            or self.block_size % self.group_size
+        ):
+            _fail("group_size", self.group_size, GROUP_SIZES_HINT)
+        if self.tile != "auto":
+            if (
+                not isinstance(self.tile, tuple)
+                or len(self.tile) != 3
+                or not all(isinstance(t, int) and t >= 1 for t in self.tile)
+            ):
+                _fail("tile", self.tile, '"auto" or three positive ints (tf, th, tw)')
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)):
+            _fail("temperature", self.temperature, "a finite number >= 0")
+        if self.temperature < 0:
+            _fail("temperature", self.temperature, "a finite number >= 0")
+        if self.selection not in SELECTIONS:
+            _fail("selection", self.selection, f"one of {SELECTIONS}")
+        if not isinstance(self.min_blocks, int) or self.min_blocks < 1:
+            _fail("min_blocks", self.min_blocks, "an int >= 1")
+        if self.max_blocks is not None and (
+            not isinstance(self.max_blocks, int) or self.max_blocks < self.min_blocks
+        ):
+            _fail("max_blocks", self.max_blocks, f"None or an int >= min_blocks ({self.min_blocks})")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            _fail("seed", self.seed, "an int >= 0")
+        if self.budget not in BUDGET_MODES:
+            _fail("budget", self.budget, f"one of {BUDGET_MODES}")
+        if not (isinstance(self.dense_quantile, (int, float)) and 0.0 <= self.dense_quantile < 1.0):
+            _fail("dense_quantile", self.dense_quantile, "a number in [0, 1)")
+        if not (
+            isinstance(self.min_step_density, (int, float))
+            and 0.0 < self.min_step_density <= self.density
+        ):
+            _fail("min_step_density", self.min_step_density, f"a number in (0, density={self.density}]")
+        if self.budget == "profile" and not self.profile_path:
+            _fail("profile_path", self.profile_path, 'a JSON file path when budget="profile"')
+        if self.backend not in BACKENDS:
+            _fail("backend", self.backend, f"one of {BACKENDS}")
+
+    def replace(self, **changes: object) -> PASAConfig:
+        """A copy with ``changes`` applied and validated."""
+        return replace(self, **changes)
+
+    @property
+    def groups_per_block(self) -> int:
+        return self.block_size // self.group_size

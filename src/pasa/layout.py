@@ -1,0 +1,134 @@
+"""Token grid <-> tiled block order.
+
+Video tokens arrive frame-major: token ``(f, h, w)`` of an ``(F, H, W)`` grid sits at index
+``(f * H + h) * W + w``. PASA re-orders them tile by tile, each tile a ``(tf, th, tw)`` box in
+raster order, so that the ``block_size`` consecutive tokens of one block are neighbours in space and
+time. Tiles cut by the grid's edge are short (ragged); blocks are then simply consecutive
+``block_size`` chunks of the re-ordered sequence, so a block near an edge may span two short tiles.
+Text tokens (joint-attention models) keep their order and follow the video tokens; a block holding
+any text token is a *text block*.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+Grid = tuple[int, int, int]
+Tile = tuple[int, int, int]
+
+
+def auto_tile(grid: Grid, block_size: int) -> Tile:
+    """A ``(tf, th, tw)`` tile of about ``block_size`` tokens for ``grid``.
+
+    Two frames deep when the video has them (temporal neighbours attend to each other most),
+    the rest a near-square patch: 2x8x8 for 128-token blocks, 1x8x16 for a single frame.
+    """
+    frames, height, width = grid
+    tf = 2 if frames >= 2 and block_size % 2 == 0 else 1
+    area = block_size // tf
+    tw = min(width, 1 << math.ceil(math.log2(math.sqrt(area))))
+    th = min(height, max(1, area // tw))
+    if th * tw < area and tw < width:  # a short grid side leaves room on the other one
+        tw = min(width, area // th)
+    return tf, th, tw
+
+
+@dataclass(frozen=True, eq=False)
+class TokenLayout:
+    """How the ``S = F*H*W + num_text_tokens`` tokens of one call map to blocks.
+
+    Attributes:
+        grid: ``(F, H, W)`` video token grid.
+        tile: ``(tf, th, tw)`` tile.
+        num_text_tokens: text tokens after the video tokens.
+        block_size: tokens per block.
+        perm: ``(S,)`` int64, ``perm[i]`` is the original index of the token at tiled position i.
+        inv_perm: ``(S,)`` int64, inverse of ``perm``.
+    """
+
+    grid: Grid
+    tile: Tile
+    num_text_tokens: int
+    block_size: int
+    perm: torch.Tensor
+    inv_perm: torch.Tensor
+
+    @property
+    def num_video_tokens(self) -> int:
+        f, h, w = self.grid
+        return f * h * w
+
+    @property
+    def seq_len(self) -> int:
+        return self.num_video_tokens + self.num_text_tokens
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.seq_len // self.block_size)
+
+    @property
+    def first_text_block(self) -> int:
+        """Index of the first block holding a text token (``num_blocks`` if there is no text)."""
+        if self.num_text_tokens == 0:
+            return self.num_blocks
+        return self.num_video_tokens // self.block_size
+
+    def to_blocks(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """Re-order ``x`` along ``dim`` (the sequence) from original to tiled order."""
+        return x.index_select(dim, self.perm)
+
+    def from_blocks(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """Inverse of :meth:`to_blocks`."""
+        return x.index_select(dim, self.inv_perm)
+
+    def block_of_token(self) -> torch.Tensor:
+        """``(S,)`` int64: the block of each token, indexed in original order."""
+        return self.inv_perm // self.block_size
+
+
+def tiled_permutation(grid: Grid, tile: Tile) -> torch.Tensor:
+    """``(F*H*W,)`` int64: original token index at each tiled position (ragged tiles kept short)."""
+    frames, height, width = grid
+    tf, th, tw = tile
+    f = torch.arange(frames).view(-1, 1, 1)
+    h = torch.arange(height).view(1, -1, 1)
+    w = torch.arange(width).view(1, 1, -1)
+    tiles_h, tiles_w = -(-height // th), -(-width // tw)
+    tile_id = ((f // tf) * tiles_h + h // th) * tiles_w + w // tw  # (F, H, W)
+    inside = ((f % tf) * th + h % th) * tw + w % tw  # (F, H, W), < tf*th*tw
+    key = (tile_id * (tf * th * tw) + inside).flatten()
+    return torch.argsort(key, stable=True)
+
+
+@lru_cache(maxsize=64)
+def _cached_layout(
+    grid: Grid, tile: Tile, num_text_tokens: int, block_size: int, device: torch.device
+) -> TokenLayout:
+    video = tiled_permutation(grid, tile)
+    text = torch.arange(video.numel(), video.numel() + num_text_tokens)
+    perm = torch.cat([video, text]).to(device)
+    inv_perm = torch.empty_like(perm)
+    inv_perm[perm] = torch.arange(perm.numel(), device=device)
+    return TokenLayout(grid, tile, num_text_tokens, block_size, perm, inv_perm)
+
+
+def make_layout(
+    grid: Grid,
+    *,
+    block_size: int = 128,
+    tile: Tile | str = "auto",
+    num_text_tokens: int = 0,
+    device: torch.device | str = "cpu",
+) -> TokenLayout:
+    """The (cached) :class:`TokenLayout` for a grid, tile and text length."""
+    grid = tuple(int(g) for g in grid)  # type: ignore[assignment]
+    if len(grid) != 3 or min(grid) < 1:
+        raise ValueError(f"grid must be three positive ints (F, H, W), got {grid}")
+    if num_text_tokens < 0:
+        raise ValueError(f"num_text_tokens must be >= 0, got {num_text_tokens}")
+    resolved = auto_tile(grid, block_size) if tile == "auto" else tuple(tile)
+    return _cached_layout(grid, resolved, num_text_tokens, block_size, torch.device(device))

@@ -1,0 +1,148 @@
+"""Stochastic (Gumbel-biased) block routing (DESIGN.md section 2): block mass -> BlockPlan.
+
+Key blocks of a query-block row are ranked by ``log mass + tau * Gumbel`` (Gumbel-top-k samples
+blocks without replacement in proportion to ``mass ** (1 / tau)``); the diagonal block and text
+blocks are always kept, text query blocks attend densely. The row's count is then
+
+- ``top_k``: ``round(density * Nk)`` for every row;
+- ``top_p``: the fewest blocks, in ranked order, whose mass reaches ``p``, with one ``p`` for the
+  whole call found by bisection so that the mean count meets ``density``: rows whose attention is
+  concentrated take few blocks and leave budget to diffuse rows.
+
+Both clip each row's count to ``[max(min_blocks, forced), max_blocks]``. Nothing here synchronises
+with the host.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pasa.config import PASAConfig
+from pasa.layout import TokenLayout
+from pasa.noise import routing_gumbel
+from pasa.plan import BlockPlan, compact_selection
+
+_BISECTION_STEPS = 32
+# Every block gets at least this share of a row's mass, so that a row's cumulative mass grows
+# strictly and top-p can reach any count (fp32 softmax underflows to exact zeros).
+_MASS_FLOOR = 1e-6
+
+
+def forced_blocks(layout: TokenLayout, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Nq, Nk)`` bool of blocks always kept, and ``(Nq,)`` bool of rows that attend densely."""
+    n = layout.num_blocks
+    idx = torch.arange(n, device=device)
+    text = idx >= layout.first_text_block
+    forced = (idx[:, None] == idx[None, :]) | text[None, :]
+    return forced, text
+
+
+def _count_bounds(
+    forced: torch.Tensor, dense_rows: torch.Tensor, config: PASAConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row ``(Nq,)`` int64 lower and upper bounds on the count."""
+    n = forced.shape[-1]
+    lo = forced.sum(-1).clamp(min=min(config.min_blocks, n))
+    hi = torch.full_like(lo, n if config.max_blocks is None else min(config.max_blocks, n))
+    hi = torch.maximum(hi, lo)
+    lo = torch.where(dense_rows, n, lo)
+    hi = torch.where(dense_rows, n, hi)
+    return lo, hi
+
+
+def routing_scores(
+    mass: torch.Tensor,
+    *,
+    config: PASAConfig,
+    step: int,
+    layer: int,
+    head_offset: int = 0,
+) -> torch.Tensor:
+    """``(B, H, Nq, Nk)`` fp32 ranking scores ``log mass + tau * Gumbel`` (mass row-normalised)."""
+    heads = mass.shape[1]
+    scores = mass.clamp_min(1e-30).log()
+    if config.temperature > 0:
+        gumbel = routing_gumbel(
+            seed=config.seed,
+            step=step,
+            layer=layer,
+            heads=torch.arange(head_offset, head_offset + heads),
+            num_q_blocks=mass.shape[2],
+            num_k_blocks=mass.shape[3],
+            device=mass.device,
+        )  # (H, Nq, Nk)
+        scores = scores + config.temperature * gumbel
+    return scores
+
+
+def select_blocks(
+    mass: torch.Tensor,
+    *,
+    layout: TokenLayout,
+    config: PASAConfig,
+    density: float | None = None,
+    step: int = 0,
+    layer: int = 0,
+    head_offset: int = 0,
+) -> BlockPlan:
+    """Turn a block-mass estimate into a plan.
+
+    Args:
+        mass: ``(B, H, Nq, Nk)`` non-negative estimated attention mass (rows need not sum to 1).
+        density: target mean density of the plan; ``config.density`` if None; >= 1 is dense.
+        head_offset: global index of head 0 (context parallelism: same noise on every rank).
+    Returns:
+        A :class:`BlockPlan` with ``Kmax = Nk`` (call ``trimmed()`` for the compact form).
+    """
+    density = config.density if density is None else float(density)
+    batch, heads, rows, cols = mass.shape
+    if rows != layout.num_blocks or cols != layout.num_blocks:
+        raise ValueError(f"mass has {rows}x{cols} blocks, layout has {layout.num_blocks}")
+    if density >= 1.0:
+        full = torch.ones(batch, heads, rows, cols, dtype=torch.bool, device=mass.device)
+        return BlockPlan(*compact_selection(full), layout)
+
+    forced, dense_rows = forced_blocks(layout, mass.device)
+    lo, hi = _count_bounds(forced, dense_rows, config)  # (Nq,), (Nq,)
+    mass = mass.float()
+    share = mass / mass.sum(-1, keepdim=True).clamp_min(1e-30)
+    share = (share + _MASS_FLOOR) / (1.0 + _MASS_FLOOR * cols)
+    scores = routing_scores(share, config=config, step=step, layer=layer, head_offset=head_offset)
+    scores = scores.masked_fill(forced | dense_rows[:, None], float("inf"))
+    order = scores.argsort(-1, descending=True)  # (B, H, Nq, Nk)
+
+    if config.selection == "top_k":
+        counts = torch.full_like(lo, round(density * cols)).clamp(min=lo, max=hi)
+        counts = counts.expand(batch, heads, rows)
+    else:
+        counts = _top_p_counts(share.gather(-1, order), lo, hi, density * batch * heads * rows * cols)
+
+    rank = torch.arange(cols, device=mass.device)
+    selected_ranked = rank < counts.unsqueeze(-1)  # (B, H, Nq, Nk) in ranked order
+    mask = torch.zeros_like(selected_ranked).scatter_(-1, order, selected_ranked)
+    return BlockPlan(*compact_selection(mask), layout)
+
+
+def _top_p_counts(
+    ranked_share: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, target_total: float
+) -> torch.Tensor:
+    """Per-row counts for the smallest ``p`` whose total count reaches ``target_total``.
+
+    Args:
+        ranked_share: ``(B, H, Nq, Nk)`` row shares of mass in ranked order (each row sums to 1).
+        lo, hi: ``(Nq,)`` count bounds.
+    """
+    cum = ranked_share.cumsum(-1).contiguous()  # (B, H, Nq, Nk), strictly increasing
+
+    def counts_at(p: torch.Tensor) -> torch.Tensor:
+        needed = torch.searchsorted(cum, p.expand(cum.shape[:-1]).unsqueeze(-1).contiguous())
+        return (needed.squeeze(-1) + 1).clamp(min=lo, max=hi)
+
+    low = torch.zeros((), device=cum.device)
+    high = torch.full((), 1.0 + 1e-4, device=cum.device)  # above every row's total: counts = hi
+    for _ in range(_BISECTION_STEPS):
+        mid = (low + high) / 2
+        enough = counts_at(mid).sum() >= target_total
+        high = torch.where(enough, mid, high)
+        low = torch.where(enough, low, mid)
+    return counts_at(high)
