@@ -49,8 +49,8 @@ class PASAConfig:
     block_size: int = 128
     group_size: int = 32
     tile: tuple[int, int, int] | Literal["auto"] = "auto"
-    temperature: float = 0.5
-    selection: Selection = "top_p"
+    temperature: float = 0.25
+    selection: Selection = "top_k"
     min_blocks: int = 1
     max_blocks: int | None = None
     seed: int = 0
@@ -75,13 +75,12 @@ class PASAConfig:
             or self.block_size % self.group_size
         ):
             _fail("group_size", self.group_size, GROUP_SIZES_HINT)
-        if self.tile != "auto":
-            if (
-                not isinstance(self.tile, tuple)
-                or len(self.tile) != 3
-                or not all(isinstance(t, int) and t >= 1 for t in self.tile)
-            ):
-                _fail("tile", self.tile, '"auto" or three positive ints (tf, th, tw)')
+        if self.tile != "auto" and (
+            not isinstance(self.tile, tuple)
+            or len(self.tile) != 3
+            or not all(isinstance(t, int) and t >= 1 for t in self.tile)
+        ):
+            _fail("tile", self.tile, '"auto" or three positive ints (tf, th, tw)')
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)):
             _fail("temperature", self.temperature, "a finite number >= 0")
         if self.temperature < 0:
@@ -93,7 +92,9 @@ class PASAConfig:
         if self.max_blocks is not None and (
             not isinstance(self.max_blocks, int) or self.max_blocks < self.min_blocks
         ):
-            _fail("max_blocks", self.max_blocks, f"None or an int >= min_blocks ({self.min_blocks})")
+            _fail(
+                "max_blocks", self.max_blocks, f"None or an int >= min_blocks ({self.min_blocks})"
+            )
         if not isinstance(self.seed, int) or self.seed < 0:
             _fail("seed", self.seed, "an int >= 0")
         if self.budget not in BUDGET_MODES:
@@ -104,7 +105,11 @@ class PASAConfig:
             isinstance(self.min_step_density, (int, float))
             and 0.0 < self.min_step_density <= self.density
         ):
-            _fail("min_step_density", self.min_step_density, f"a number in (0, density={self.density}]")
+            _fail(
+                "min_step_density",
+                self.min_step_density,
+                f"a number in (0, density={self.density}]",
+            )
         if self.budget == "profile" and not self.profile_path:
             _fail("profile_path", self.profile_path, 'a JSON file path when budget="profile"')
         if self.backend not in BACKENDS:

@@ -28,7 +28,9 @@ _BISECTION_STEPS = 32
 _MASS_FLOOR = 1e-6
 
 
-def forced_blocks(layout: TokenLayout, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+def forced_blocks(
+    layout: TokenLayout, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Nq, Nk)`` bool of blocks always kept, and ``(Nq,)`` bool of rows that attend densely."""
     n = layout.num_blocks
     idx = torch.arange(n, device=device)
@@ -115,7 +117,9 @@ def select_blocks(
         counts = torch.full_like(lo, round(density * cols)).clamp(min=lo, max=hi)
         counts = counts.expand(batch, heads, rows)
     else:
-        counts = _top_p_counts(share.gather(-1, order), lo, hi, density * batch * heads * rows * cols)
+        counts = _top_p_counts(
+            share.gather(-1, order), lo, hi, density * batch * heads * rows * cols
+        )
 
     rank = torch.arange(cols, device=mass.device)
     selected_ranked = rank < counts.unsqueeze(-1)  # (B, H, Nq, Nk) in ranked order

@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from pasa.layout import auto_tile, make_layout, tiled_permutation
+
+
+# Grids chosen to hit every ragged case: divisible, ragged in each axis, a single frame,
+# a single token, and text tokens that share the last video block.
+@pytest.mark.parametrize(
+    "grid,tile",
+    [
+        ((4, 16, 16), (2, 8, 8)),
+        ((3, 7, 9), (2, 8, 8)),
+        ((1, 5, 13), (1, 8, 16)),
+        ((1, 1, 1), "auto"),
+        ((5, 9, 11), "auto"),
+        ((21, 30, 52), "auto"),
+    ],
+)
+@pytest.mark.parametrize("text", [0, 13])
+def test_permutation_round_trips_and_covers_every_token_once(grid, tile, text):
+    layout = make_layout(grid, tile=tile, num_text_tokens=text)
+    s = layout.seq_len
+    assert sorted(layout.perm.tolist()) == list(range(s))
+    x = torch.randn(2, s, 3, 4)
+    assert torch.equal(layout.from_blocks(layout.to_blocks(x)), x)
+    blocks = layout.block_of_token()
+    assert blocks.shape == (s,)
+    counts = torch.bincount(blocks, minlength=layout.num_blocks)
+    assert counts.sum() == s and bool((counts[:-1] == layout.block_size).all())
+    assert 1 <= counts[-1] <= layout.block_size
+    # Text tokens keep their order at the end.
+    assert layout.perm[layout.num_video_tokens :].tolist() == list(
+        range(layout.num_video_tokens, s)
+    )
+
+
+def test_a_whole_tile_is_one_block():
+    grid = (4, 16, 16)
+    layout = make_layout(grid, tile=(2, 8, 8))
+    first = layout.perm[:128]
+    f, rem = first // 256, first % 256
+    h, w = rem // 16, rem % 16
+    assert (
+        set(f.tolist()) == {0, 1}
+        and set(h.tolist()) == set(range(8))
+        and set(w.tolist()) == set(range(8))
+    )
+
+
+def test_ragged_tiles_are_short_not_padded():
+    perm = tiled_permutation((1, 3, 5), (1, 2, 4))
+    # tiles in raster order: rows 0-1 x cols 0-3, rows 0-1 x col 4, row 2 x cols 0-3, row 2 x col 4
+    assert perm.tolist() == [0, 1, 2, 3, 5, 6, 7, 8, 4, 9, 10, 11, 12, 13, 14]
+
+
+def test_auto_tile_fills_a_block():
+    assert auto_tile((21, 30, 52), 128) == (2, 8, 8)
+    assert auto_tile((1, 60, 104), 128) == (1, 8, 16)
+    tf, th, tw = auto_tile((2, 3, 200), 128)
+    assert th == 3 and tf * th * tw <= 128
+
+
+def test_bad_grid_raises():
+    with pytest.raises(ValueError, match="grid"):
+        make_layout((0, 4, 4))
