@@ -167,3 +167,19 @@ def test_plan_of_another_shape_is_rejected():
 def test_unknown_backend_is_rejected_by_config():
     with pytest.raises(ValueError, match="backend"):
         pasa.PASAConfig(backend="cuda-magic")
+
+
+def test_approximate_branch_reduces_error_and_leaves_dense_alone():
+    from pasa.synthetic import video_qkv
+
+    grid = (4, 32, 32)
+    q, k, v = video_qkv(grid, heads=2, dim=64, seed=3)
+    dense = sdpa(q, k, v)
+    exact_only = pasa.PASAConfig(density=0.1, temperature=0.0)
+    errors = []
+    for config in (exact_only, exact_only.replace(approximate=True)):
+        out = pasa.sparse_attention(q, k, v, grid=grid, config=config)
+        errors.append(float((out - dense).norm() / dense.norm()))
+    assert errors[1] < errors[0]
+    out = pasa.sparse_attention(q, k, v, grid=grid, config=DENSE.replace(approximate=True))
+    assert torch.allclose(out, dense, atol=1e-5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from pasa.approximate import add_approximate_branch
 from pasa.backends.registry import get_backend
 from pasa.config import PASAConfig
 from pasa.estimate import block_mass
@@ -187,8 +188,6 @@ def sparse_attention(
         )
     out, lse = backend.fn(qt, kt, vt, plan)
     if config.approximate:
-        from pasa.approximate import add_approximate_branch
-
         out, lse = add_approximate_branch(qt, kt, vt, plan, out, lse, group_size=config.group_size)
     out = layout.from_blocks(out.to(q.dtype))
     if return_lse:
