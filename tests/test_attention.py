@@ -164,6 +164,13 @@ def test_plan_of_another_shape_is_rejected():
         pasa.sparse_attention(q3, k3, v3, grid=(4, 16, 16), config=DENSE, plan=plan)
 
 
+@pytest.mark.parametrize("density", [0.0, -0.5, 1.01])
+def test_density_override_outside_zero_one_raises(density):
+    q, k, v = qkv((2, 4, 4))
+    with pytest.raises(ValueError, match="density"):
+        pasa.sparse_attention(q, k, v, grid=(2, 4, 4), config=DENSE, density=density)
+
+
 def test_unknown_backend_is_rejected_by_config():
     with pytest.raises(ValueError, match="backend"):
         pasa.PASAConfig(backend="cuda-magic")

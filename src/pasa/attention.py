@@ -114,6 +114,8 @@ def _plan_tiled(
     head_offset: int,
 ) -> BlockPlan:
     density = config.density if density is None else density
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density={density!r} is invalid: allowed a number in (0, 1]")
     if density >= 1.0:  # dense: no estimate needed
         n = layout.num_blocks
         mass = qt.new_ones((qt.shape[0], qt.shape[2], n, n), dtype=torch.float32)
