@@ -1,0 +1,121 @@
+"""Shared bits of the diffusers benchmarks: environment record, Wan configs, timing."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Wan2.1-T2V-1.3B, the official config values (random weights: timing does not depend on them).
+WAN_1_3B = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=12,
+    attention_head_dim=128,
+    in_channels=16,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    ffn_dim=8960,
+    num_layers=30,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=1024,
+)
+# CPU smoke test: the same code path at toy size.
+WAN_TINY = dict(
+    WAN_1_3B,
+    num_attention_heads=2,
+    attention_head_dim=16,
+    text_dim=32,
+    freq_dim=16,
+    ffn_dim=32,
+    num_layers=2,
+    in_channels=4,
+    out_channels=4,
+    rope_max_seq_len=32,
+)
+
+
+def build_wan(config: dict[str, Any], device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """A random-weight WanTransformer3DModel in ``dtype``, its ``_keep_in_fp32_modules`` in fp32.
+
+    The same precision split as ``from_pretrained(..., torch_dtype=dtype)``.
+    """
+    from diffusers import WanTransformer3DModel
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = WanTransformer3DModel(**config)
+    finally:
+        torch.set_default_dtype(default)
+    keep = set(model._keep_in_fp32_modules or ())
+    for name, module in model.named_modules():
+        if keep.intersection(name.split(".")):
+            module.float()
+    return model.eval()
+
+
+def environment() -> dict[str, Any]:
+    """GPU name, driver, library versions and git commit, for the results JSON."""
+    import diffusers
+
+    import pasa
+
+    env: dict[str, Any] = {
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "pasa": pasa.__version__,
+        "python": platform.python_version(),
+        "commit": os.environ.get("PASA_COMMIT") or _git_commit(),
+    }
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+        env["driver"] = _nvidia_smi("driver_version")
+    else:
+        env["gpu"] = None
+    return env
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (set PASA_COMMIT)"
+
+
+def _nvidia_smi(field: str) -> str | None:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return None
+
+
+def write_json(data: dict[str, Any], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    return path
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``|a - b| / |b|`` in float64 over all elements."""
+    a, b = a.double(), b.double()
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-30))

@@ -1,0 +1,1 @@
+"""Integrations of PASA with model libraries (diffusers)."""
