@@ -42,18 +42,22 @@ WAN_TINY = dict(
 )
 
 
-def build_wan(config: dict[str, Any], device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """A random-weight WanTransformer3DModel in ``dtype``, its ``_keep_in_fp32_modules`` in fp32.
+def build_model(
+    family: str, config: dict[str, Any], device: torch.device, dtype: torch.dtype
+) -> torch.nn.Module:
+    """A random-weight transformer of ``family`` ("wan" or "hunyuan") in ``dtype``.
 
-    The same precision split as ``from_pretrained(..., torch_dtype=dtype)``.
+    Its ``_keep_in_fp32_modules`` stay fp32: the same precision split as
+    ``from_pretrained(..., torch_dtype=dtype)``.
     """
-    from diffusers import WanTransformer3DModel
+    from diffusers import HunyuanVideoTransformer3DModel, WanTransformer3DModel
 
+    cls = {"wan": WanTransformer3DModel, "hunyuan": HunyuanVideoTransformer3DModel}[family]
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = WanTransformer3DModel(**config)
+            model = cls(**config)
     finally:
         torch.set_default_dtype(default)
     keep = set(model._keep_in_fp32_modules or ())

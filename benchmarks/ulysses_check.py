@@ -27,7 +27,14 @@ import sys
 
 import torch
 import torch.distributed as dist
-from _diffusers_common import WAN_1_3B, WAN_TINY, build_wan, environment, relative_error, write_json
+from _diffusers_common import (
+    WAN_1_3B,
+    WAN_TINY,
+    build_model,
+    environment,
+    relative_error,
+    write_json,
+)
 from diffusers import ContextParallelConfig
 
 import pasa
@@ -102,7 +109,7 @@ def main() -> int:
     config = pasa.PASAConfig(density=args.density, **blocks)
 
     torch.manual_seed(0)  # same weights and inputs on every rank
-    model = build_wan(model_config, device, dtype)
+    model = build_model("wan", model_config, device, dtype)
     inputs = dict(
         hidden_states=torch.randn(1, model_config["in_channels"], frames, height, width),
         timestep=torch.tensor([900.0]),
