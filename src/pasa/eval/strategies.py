@@ -1,0 +1,187 @@
+"""The strategies the evaluation compares, as one declarative table, all under one kernel.
+
+Every sparse strategy is expressed through PASA's own estimate, routing, budget and backend, so
+only the selection rule differs between them (same kernel, same token tiling, same density
+accounting). The peers are *reimplemented for ablation*, not the authors' code:
+
+=====================  ========================================================================
+name                   rule
+=====================  ========================================================================
+dense                  stock attention
+meanpool_topk          SpargeAttn-style: one mean-pooled query/key per block, deterministic
+                       (tau = 0) top-k at a fixed budget every step
+static_window          STA / Radial-style static 3D local window: each query block keeps the
+                       key blocks nearest in (frame, row, column) tile distance, the window grown
+                       until it meets the density; the same plan at every step, layer and head
+sparse_videogen        Sparse-VideoGen-style: first 20% of steps dense, then deterministic top-p
+                       (mean-pooled estimate) at the density that keeps the run's mean on target
+pasa                   grouped estimate (g = 32), Gumbel routing (tau = 0.25), top-p, online
+                       curvature budget
+pasa_no_grouped        PASA with one group per block (mean-pooled estimate)
+pasa_no_stochastic     PASA with tau = 0
+pasa_no_curvature      PASA with a fixed per-step budget
+pasa_approximate       PASA plus the approximate branch for unselected blocks
+=====================  ========================================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from pasa.config import PASAConfig
+from pasa.layout import TokenLayout
+from pasa.plan import BlockPlan
+
+REIMPLEMENTED = "reimplemented for ablation"
+WARMUP_FRACTION = 0.2  # Sparse-VideoGen-style dense warm-up share of the steps
+
+PlanFn = Callable[[TokenLayout, float, int, int], BlockPlan]  # (layout, density, batch, heads)
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One row of the comparison.
+
+    Attributes:
+        name: key used in results and on the command line.
+        label: how tables and plots name it (peers say they are reimplemented).
+        config: ``density -> PASAConfig`` (None for dense).
+        plan_fn: a fixed plan instead of PASA's estimate and routing (static window), or None.
+        dense_warmup: share of the first steps run dense (the rest re-balanced to the mean).
+    """
+
+    name: str
+    label: str
+    config: Callable[[float], PASAConfig] | None
+    plan_fn: PlanFn | None = None
+    dense_warmup: float = 0.0
+
+    @property
+    def is_dense(self) -> bool:
+        return self.config is None
+
+    def step_densities(self, density: float, num_steps: int) -> list[float] | None:
+        """Per-step densities for schedules fixed in advance (warm-up), else None (the
+        config's budget decides). Raises ValueError if the warm-up alone exceeds the mean."""
+        if self.dense_warmup <= 0:
+            return None
+        warm = round(self.dense_warmup * num_steps)
+        rest = num_steps - warm
+        sparse = (density * num_steps - warm) / max(rest, 1)
+        if rest and sparse < 0.01:
+            raise ValueError(
+                f"{self.name}: {warm} dense warm-up steps of {num_steps} exceed a mean density "
+                f"of {density}; the lowest reachable mean is {(warm + 0.01 * rest) / num_steps:.3f}"
+            )
+        return [1.0] * warm + [min(1.0, sparse)] * rest
+
+
+def _pasa(**changes: object) -> Callable[[float], PASAConfig]:
+    base = dict(group_size=32, temperature=0.25, selection="top_p", budget="online")
+    base.update(changes)
+    return lambda density: PASAConfig(density=density, min_step_density=min(0.05, density), **base)
+
+
+def _peer(**changes: object) -> Callable[[float], PASAConfig]:
+    base = dict(group_size=128, temperature=0.0, budget="fixed")
+    base.update(changes)
+    return lambda density: PASAConfig(density=density, **base)
+
+
+def block_centres(layout: TokenLayout) -> torch.Tensor:
+    """``(N, 3)`` float mean (frame, row, column) of each block's video tokens, in tile units
+    (text blocks get +inf: they are never near)."""
+    _f, h, w = layout.grid
+    tf, th, tw = layout.tile
+    n, bs = layout.num_blocks, layout.block_size
+    video = layout.perm[: layout.num_video_tokens]  # original index at each tiled position
+    coords = torch.stack([video // (h * w), (video // w) % h, video % w], -1).double()
+    coords = coords / torch.tensor([tf, th, tw], dtype=torch.float64, device=coords.device)
+    sums = torch.zeros(n, 3, dtype=torch.float64, device=coords.device)
+    counts = torch.zeros(n, dtype=torch.float64, device=coords.device)
+    block = torch.arange(video.numel(), device=coords.device) // bs
+    sums.index_add_(0, block, coords)
+    counts.index_add_(0, block, torch.ones_like(block, dtype=torch.float64))
+    centres = sums / counts.clamp_min(1).unsqueeze(-1)
+    centres[counts == 0] = float("inf")
+    centres[layout.first_text_block :] = float("inf")
+    return centres
+
+
+def window_plan(layout: TokenLayout, density: float, batch: int = 1, heads: int = 1) -> BlockPlan:
+    """Static 3D local window at ``density``: every query block keeps the ``round(density * N)``
+    key blocks nearest in tile units (Chebyshev distance, Euclidean to break ties), itself
+    included; text blocks are attended by all and attend to all."""
+    n = layout.num_blocks
+    k = min(n, max(1, round(density * n)))
+    c = block_centres(layout)  # (N, 3)
+    video = torch.isfinite(c[:, 0])
+    diff = (c[:, None, :] - c[None, :, :]).abs().nan_to_num(nan=0.0, posinf=1e9)
+    cheb, eucl = diff.amax(-1), diff.pow(2).sum(-1).sqrt()
+    score = cheb + 1e-3 * eucl / (1 + eucl)  # (N, N), lower is nearer
+    score.fill_diagonal_(-1.0)
+    score[:, ~video] = -1.0  # text keys: always
+    nearest = score.topk(k, dim=-1, largest=False).indices  # (N, k)
+    mask = torch.zeros(n, n, dtype=torch.bool, device=c.device).scatter_(-1, nearest, True)
+    mask |= score < 0
+    mask[~video] = True  # text queries: dense
+    return BlockPlan.from_dense_mask(mask.expand(batch, heads, n, n).contiguous(), layout)
+
+
+STRATEGIES: dict[str, Strategy] = {
+    s.name: s
+    for s in (
+        Strategy("dense", "dense", None),
+        Strategy("meanpool_topk", f"mean-pool top-k (SpargeAttn-style, {REIMPLEMENTED})",
+                 _peer(selection="top_k")),
+        Strategy("static_window", f"static 3D window (STA/Radial-style, {REIMPLEMENTED})",
+                 _peer(selection="top_k"), plan_fn=window_plan),
+        Strategy("sparse_videogen", f"dense warm-up + top-p (Sparse-VideoGen-style, {REIMPLEMENTED})",
+                 _peer(selection="top_p"), dense_warmup=WARMUP_FRACTION),
+        Strategy("pasa", "PASA", _pasa()),
+        Strategy("pasa_no_grouped", "PASA without grouped estimate", _pasa(group_size=128)),
+        Strategy("pasa_no_stochastic", "PASA without stochastic routing", _pasa(temperature=0.0)),
+        Strategy("pasa_no_curvature", "PASA without curvature budget", _pasa(budget="fixed")),
+        Strategy("pasa_approximate", "PASA with approximate branch", _pasa(approximate=True)),
+    )
+}  # fmt: skip
+
+
+def get_strategy(name: str) -> Strategy:
+    try:
+        return STRATEGIES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown strategy {name!r}: choose from {', '.join(STRATEGIES)}"
+        ) from None
+
+
+class ScheduleBudget:
+    """A :class:`pasa.budget.StepBudget` that hands out densities fixed in advance (warm-up
+    schedules); ``observe`` is ignored."""
+
+    def __init__(self, densities: list[float]) -> None:
+        if not densities or not all(0.0 < d <= 1.0 for d in densities):
+            raise ValueError(f"densities must be non-empty, each in (0, 1], got {densities}")
+        self.num_steps = len(densities)
+        self._planned = list(densities)
+        self._realised: list[float] = []
+
+    @property
+    def realised_densities(self) -> list[float]:
+        return list(self._realised)
+
+    def density(self, step: int) -> float:
+        if not 0 <= step < self.num_steps:
+            raise ValueError(f"step={step} is outside [0, num_steps={self.num_steps})")
+        self._realised = self._planned[: max(step + 1, len(self._realised))]
+        return self._planned[step]
+
+    def observe(self, sigma: float, x_t: torch.Tensor, v_t: torch.Tensor | None = None) -> None:
+        """Schedules do not adapt."""
+
+    def reset(self) -> None:
+        self._realised = []

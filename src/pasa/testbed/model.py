@@ -1,0 +1,223 @@
+"""The testbed model: a small diffusers ``WanTransformer3DModel`` on a weight-free pixel codec.
+
+Latents: pixels ``(B, 3, F, H, W)`` in [-1, 1] -> space-to-depth by ``pixel_factor`` (f) ->
+``(B, 3 f^2, F, H / f, W / f)``; exactly invertible, no weights ("the VAE"). The transformer's
+``(1, 2, 2)`` patches then make a token grid ``(F, H / 2f, W / 2f)``: 16 x 256 x 256 pixels with
+f = 4 is 16 x 32 x 32 tokens (16,384 tokens, 128 PASA blocks of 2 x 8 x 8).
+
+Checkpoints are safetensors; the header's metadata key ``pasa_testbed`` holds JSON with the
+:class:`TestbedConfig`, the training record (steps, data seed, ...) and a format version; a JSON
+copy is written beside the file for people. :func:`load_testbed` raises :class:`CheckpointError`
+naming the problem for a missing, truncated or foreign file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = 1
+METADATA_KEY = "pasa_testbed"
+DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoint" / "testbed.safetensors"
+
+
+class CheckpointError(RuntimeError):
+    """A testbed checkpoint is missing, unreadable or does not describe a testbed model."""
+
+
+@dataclass(frozen=True)
+class TestbedConfig:
+    """Shapes of the testbed clip, codec, text encoder and transformer."""
+
+    __test__ = False  # not a pytest test class
+
+    frames: int = 16
+    height: int = 256
+    width: int = 256
+    pixel_factor: int = 4
+    num_layers: int = 8
+    num_heads: int = 4
+    head_dim: int = 64
+    ffn_dim: int = 1024
+    freq_dim: int = 256
+    text_dim: int = 64
+    max_text_tokens: int = 96
+
+    def __post_init__(self) -> None:
+        step = 2 * self.pixel_factor
+        if self.height % step or self.width % step:
+            raise ValueError(
+                f"height and width must be multiples of 2 * pixel_factor = {step}, "
+                f"got {self.height}x{self.width}"
+            )
+        if self.head_dim < 6 or self.head_dim % 2:
+            raise ValueError(
+                f"head_dim={self.head_dim} must be even and >= 6 (Wan's 3D rotary code)"
+            )
+
+    @property
+    def latent_channels(self) -> int:
+        return 3 * self.pixel_factor**2
+
+    def token_grid(
+        self, frames: int | None = None, height: int | None = None, width: int | None = None
+    ):
+        """``(F, H, W)`` tokens of a clip (this config's size unless given, in pixels)."""
+        step = 2 * self.pixel_factor
+        return (
+            frames or self.frames,
+            (height or self.height) // step,
+            (width or self.width) // step,
+        )
+
+    def transformer_kwargs(self) -> dict[str, Any]:
+        return dict(
+            patch_size=(1, 2, 2),
+            num_attention_heads=self.num_heads,
+            attention_head_dim=self.head_dim,
+            in_channels=self.latent_channels,
+            out_channels=self.latent_channels,
+            text_dim=self.text_dim,
+            freq_dim=self.freq_dim,
+            ffn_dim=self.ffn_dim,
+            num_layers=self.num_layers,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=1024,
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TestbedConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown TestbedConfig fields {sorted(unknown)}")
+        return cls(**data)
+
+
+# The shipped model (about 9.6M parameters, 19 MB in bf16) and a tiny one for CPU tests.
+TESTBED = TestbedConfig()
+TINY = TestbedConfig(
+    frames=4, height=32, width=32, pixel_factor=2, num_layers=2, num_heads=2, head_dim=12,
+    ffn_dim=48, freq_dim=16, text_dim=8, max_text_tokens=96,
+)  # fmt: skip
+PRESETS = {"testbed": TESTBED, "tiny": TINY}
+
+
+def pixels_to_latents(pixels: torch.Tensor, factor: int) -> torch.Tensor:
+    """``(B, 3, F, H, W)`` -> ``(B, 3 f^2, F, H / f, W / f)`` (space-to-depth per frame)."""
+    b, c, f, h, w = pixels.shape
+    x = pixels.reshape(b, c, f, h // factor, factor, w // factor, factor)
+    x = x.permute(0, 1, 4, 6, 2, 3, 5)  # (B, C, fy, fx, F, H/f, W/f)
+    return x.reshape(b, c * factor * factor, f, h // factor, w // factor)
+
+
+def latents_to_pixels(latents: torch.Tensor, factor: int) -> torch.Tensor:
+    """Inverse of :func:`pixels_to_latents`."""
+    b, ch, f, h, w = latents.shape
+    c = ch // (factor * factor)
+    x = latents.reshape(b, c, factor, factor, f, h, w).permute(0, 1, 4, 5, 2, 6, 3)
+    return x.reshape(b, c, f, h * factor, w * factor)  # (B, C, F, H, W)
+
+
+def build_model(config: TestbedConfig = TESTBED):
+    """A freshly initialised ``WanTransformer3DModel`` for ``config`` (fp32)."""
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(**config.transformer_kwargs())
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_testbed(
+    model: torch.nn.Module,
+    config: TestbedConfig,
+    path: str | os.PathLike,
+    *,
+    training: dict[str, Any],
+    dtype: torch.dtype = torch.bfloat16,
+) -> Path:
+    """Write ``model``'s weights in ``dtype`` with config and training record (atomic)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"format": FORMAT_VERSION, "config": asdict(config), "training": training}
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(record)})
+    os.replace(tmp, path)
+    path.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def read_record(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON record in a checkpoint's header (config, training) without loading weights."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"testbed checkpoint {path} not found: train one with `python -m pasa.testbed.train` "
+            "or pass the path of an existing .safetensors file"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise CheckpointError(
+            f"testbed checkpoint {path} is unreadable ({exc}); re-download or retrain"
+        ) from exc
+    if METADATA_KEY not in metadata:
+        raise CheckpointError(f"{path} is a safetensors file but not a PASA testbed checkpoint")
+    try:
+        record = json.loads(metadata[METADATA_KEY])
+        TestbedConfig.from_dict(record["config"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path} has a damaged testbed record: {exc}") from exc
+    if record.get("format") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format {record.get('format')}, this PASA reads {FORMAT_VERSION}"
+        )
+    return record
+
+
+def load_testbed(
+    path: str | os.PathLike | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+):
+    """Load a testbed checkpoint.
+
+    Returns:
+        ``(model, config, record)``: the ``WanTransformer3DModel`` in eval mode on ``device`` in
+        ``dtype``, its :class:`TestbedConfig`, and the record dict (``record["training"]``).
+    Raises:
+        CheckpointError: missing, truncated or foreign file, or weights that do not fit.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path) if path is not None else DEFAULT_CHECKPOINT
+    record = read_record(path)
+    config = TestbedConfig.from_dict(record["config"])
+    try:
+        state = load_file(str(path))
+    except Exception as exc:
+        raise CheckpointError(f"testbed checkpoint {path} has damaged tensors ({exc})") from exc
+    model = build_model(config)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"weights in {path} do not fit its config: {exc}") from exc
+    model = model.to(device)
+    if dtype != torch.float32:  # Wan keeps some modules in fp32 only via from_pretrained
+        model = model.to(dtype)
+    return model.eval(), config, record

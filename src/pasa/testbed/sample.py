@@ -1,0 +1,131 @@
+"""Euler flow-matching sampler for the testbed model: a caption and a seed -> a clip.
+
+The transformer is a plain diffusers ``WanTransformer3DModel`` called with
+``(hidden_states, timestep, encoder_hidden_states)``. Apply PASA to it first
+(``pasa.apply(model, config)``) to sample sparse: every call runs inside
+``model.cache_context("cond" | "uncond", step_index=i, num_inference_steps=N, sigma=t)``, so the
+PASA hook counts steps, budgets and curvature exactly as in a diffusers pipeline, and the run ends
+with ``model._reset_stateful_cache()`` (what pipelines call), which closes PASA's report.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from pasa.testbed.flow import NUM_TRAIN_TIMESTEPS, sigma_schedule
+from pasa.testbed.model import TestbedConfig, latents_to_pixels
+from pasa.testbed.text import HashedTextEncoder
+
+StepCallback = Callable[[int, float, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass
+class StepInfo:
+    """One Euler step: times ``t`` -> ``t_next``, the velocity's RMS, wall time."""
+
+    step: int
+    t: float
+    t_next: float
+    velocity_rms: float
+    seconds: float
+
+
+@dataclass
+class SampleResult:
+    """``frames``: ``(3, F, H, W)`` float32 in [-1, 1] on the CPU; ``steps``: per-step info."""
+
+    frames: torch.Tensor
+    steps: list[StepInfo] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return sum(s.seconds for s in self.steps)
+
+
+def initial_noise(config: TestbedConfig, seed: int, *, frames: int, height: int, width: int):
+    """``(1, C, F, h, w)`` float32 latent noise of ``seed``, drawn on the CPU (device-independent)."""
+    f = config.pixel_factor
+    shape = (1, config.latent_channels, frames, height // f, width // f)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def sample(
+    model: torch.nn.Module,
+    config: TestbedConfig,
+    caption: str,
+    *,
+    seed: int = 0,
+    num_steps: int = 20,
+    shift: float = 3.0,
+    guidance: float = 1.0,
+    frames: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    on_step: StepCallback | None = None,
+) -> SampleResult:
+    """Generate one clip.
+
+    Args:
+        model: the testbed ``WanTransformer3DModel`` (PASA applied or not), on its device.
+        config: the model's :class:`TestbedConfig` (codec, text encoder, default size).
+        caption: text prompt; same seed and caption give the same starting noise.
+        guidance: classifier-free guidance scale; 1 runs only the conditional call.
+        frames, height, width: clip size in frames and pixels (default: the config's).
+        on_step: ``callback(step, t, x_t, v)`` after each model evaluation (latents ``x_t`` and
+            guided velocity ``v``, both ``(1, C, F, h, w)``).
+    Returns:
+        :class:`SampleResult` with the clip ``(3, F, H, W)`` and the per-step info.
+    """
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    frames, height, width = frames or config.frames, height or config.height, width or config.width
+    encoder = HashedTextEncoder(config.text_dim, config.max_text_tokens)
+    cond, _ = encoder([caption], device=device)
+    uncond, _ = encoder([""], device=device)
+    x = initial_noise(config, seed, frames=frames, height=height, width=width).to(device)
+    times = sigma_schedule(num_steps, shift)
+    steps: list[StepInfo] = []
+    try:
+        for i in range(num_steps):
+            t, t_next = float(times[i]), float(times[i + 1])
+            start = time.perf_counter()
+            timestep = torch.full((1,), t * NUM_TRAIN_TIMESTEPS, device=device)
+            v = _velocity(model, x, timestep, cond, dtype, name="cond", step=i, n=num_steps, t=t)
+            if guidance != 1.0:
+                v_u = _velocity(
+                    model, x, timestep, uncond, dtype, name="uncond", step=i, n=num_steps, t=t
+                )
+                v = v_u + guidance * (v - v_u)
+            if on_step is not None:
+                on_step(i, t, x, v)
+            x = x + (t_next - t) * v
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            rms = float(v.pow(2).mean().sqrt())
+            steps.append(StepInfo(i, t, t_next, rms, time.perf_counter() - start))
+    finally:
+        reset = getattr(model, "_reset_stateful_cache", None)
+        if reset is not None:
+            reset()  # ends the generation for stateful hooks (PASA's report), as pipelines do
+    pixels = latents_to_pixels(x.float(), config.pixel_factor)[0].clamp(-1, 1).cpu()
+    return SampleResult(pixels, steps)
+
+
+def _velocity(model, x, timestep, text, dtype, *, name: str, step: int, n: int, t: float):
+    """One transformer call inside the cache context the PASA hook reads."""
+    context = getattr(model, "cache_context", None)
+    kwargs = dict(
+        hidden_states=x.to(dtype),
+        timestep=timestep,
+        encoder_hidden_states=text.to(dtype),
+        return_dict=False,
+    )
+    if context is None:
+        return model(**kwargs)[0].float()
+    with context(name, step_index=step, num_inference_steps=n, sigma=t, timestep=t * 1000):
+        return model(**kwargs)[0].float()

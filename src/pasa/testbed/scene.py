@@ -1,0 +1,236 @@
+"""Procedural scenes: what a clip contains, drawn from a seed, and the caption that says so.
+
+A :class:`Scene` is pure description (shapes, textures, colours, motion, camera, background);
+:mod:`pasa.testbed.data` renders it. Every random draw comes from a ``torch.Generator`` on the CPU
+seeded by ``(data_seed, index)`` through a fixed integer mix, so a clip is the same on every
+machine, process and DDP rank, whatever device renders it.
+
+World coordinates: the unit square ``[0, 1]^2`` is the first frame's view (x right, y down);
+objects move in world units per frame; the camera's view is centred at ``center(t)`` and spans
+``1 / zoom(t)`` world units.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+COLORS: dict[str, tuple[float, float, float]] = {
+    "red": (0.90, 0.12, 0.12),
+    "orange": (0.95, 0.55, 0.10),
+    "yellow": (0.95, 0.90, 0.15),
+    "green": (0.15, 0.75, 0.20),
+    "teal": (0.10, 0.60, 0.60),
+    "blue": (0.15, 0.30, 0.90),
+    "purple": (0.55, 0.20, 0.80),
+    "pink": (0.95, 0.50, 0.75),
+    "white": (0.95, 0.95, 0.95),
+    "gray": (0.50, 0.50, 0.50),
+    "brown": (0.50, 0.30, 0.12),
+    "black": (0.08, 0.08, 0.08),
+}
+SHAPES = ("circle", "square", "triangle", "diamond", "ring", "cross", "ellipse")
+TEXTURES = ("solid", "striped", "checkered", "dotted", "noisy")
+BACKGROUNDS = ("striped", "checkered", "dotted", "noisy", "wavy")
+DIRECTIONS = {
+    "right": (1.0, 0.0),
+    "left": (-1.0, 0.0),
+    "down": (0.0, 1.0),
+    "up": (0.0, -1.0),
+    "up-right": (0.7071, -0.7071),
+    "up-left": (-0.7071, -0.7071),
+    "down-right": (0.7071, 0.7071),
+    "down-left": (-0.7071, 0.7071),
+}
+PANS = ("none", "left", "right", "up", "down")
+ZOOMS = ("none", "in", "out")
+NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+NOISE_CELLS = 24  # value-noise lattice per texture period (a fine, tileable texture)
+
+
+@dataclass(frozen=True)
+class Texture:
+    """A two-colour pattern: ``kind`` in TEXTURES / BACKGROUNDS, ``freq`` periods per unit,
+    ``angle`` of stripes / checks (radians), ``noise_seed`` for the noisy kind."""
+
+    kind: str
+    color: str
+    second: tuple[float, float, float]
+    freq: float
+    angle: float
+    noise_seed: int
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    """One shape. ``radius`` in world units; ``start`` is its centre at frame 0 (before
+    bouncing); ``velocity`` world units per frame; ``spin`` radians per frame."""
+
+    shape: str
+    texture: Texture
+    radius: float
+    start: tuple[float, float]
+    motion: str  # "still", "moves" or "bounces"
+    direction: str
+    speed: float
+    angle: float
+    spin: float
+
+    @property
+    def velocity(self) -> tuple[float, float]:
+        dx, dy = DIRECTIONS[self.direction]
+        return (dx * self.speed, dy * self.speed) if self.motion != "still" else (0.0, 0.0)
+
+
+@dataclass(frozen=True)
+class Scene:
+    """Everything one clip shows. Objects are listed back to front (later ones occlude)."""
+
+    index: int
+    background: Texture
+    background_to: str | None  # colour the background turns to, or None
+    change_frame: int
+    objects: tuple[SceneObject, ...]
+    pan: str
+    pan_speed: float
+    zoom: str
+    zoom_rate: float
+
+
+def mix_seed(data_seed: int, index: int, salt: int = 0) -> int:
+    """A 63-bit seed from ``(data_seed, index, salt)`` (splitmix64 finaliser, no Python hash)."""
+    x = (data_seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + salt) & (2**64 - 1)
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+    return (x ^ (x >> 31)) & (2**63 - 1)
+
+
+class _Draws:
+    """Uniform draws from a pre-generated CPU block (one generator call per scene)."""
+
+    def __init__(self, seed: int, n: int = 512) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self._u = torch.rand(n, generator=gen, dtype=torch.float64).tolist()
+        self._i = 0
+
+    def uniform(self, lo: float = 0.0, hi: float = 1.0) -> float:
+        u = self._u[self._i]
+        self._i += 1
+        return lo + (hi - lo) * u
+
+    def choice(self, options):
+        return options[min(int(self.uniform() * len(options)), len(options) - 1)]
+
+    def integer(self, lo: int, hi: int) -> int:
+        """Uniform in ``[lo, hi]`` inclusive."""
+        return min(lo + int(self.uniform() * (hi - lo + 1)), hi)
+
+
+def _texture(draws: _Draws, kinds: tuple[str, ...], exclude: str | None = None) -> Texture:
+    names = [c for c in COLORS if c != exclude]
+    color = draws.choice(names)
+    base = COLORS[color]
+    # The second colour is a dark or a light shade of the first, so the named colour dominates.
+    if draws.uniform() < 0.5:
+        second = tuple(0.3 * c for c in base)
+    else:
+        second = tuple(c + 0.6 * (1.0 - c) for c in base)
+    if color in ("black", "brown"):
+        second = tuple(c + 0.5 * (1.0 - c) for c in base)
+    return Texture(
+        kind=draws.choice(kinds),
+        color=color,
+        second=second,  # type: ignore[arg-type]
+        freq=math.exp(draws.uniform(math.log(6.0), math.log(28.0))),
+        angle=draws.uniform(0.0, math.pi),
+        noise_seed=draws.integer(0, 2**31 - 1),
+    )
+
+
+def make_scene(data_seed: int, index: int, *, frames: int = 16) -> Scene:
+    """The scene of clip ``index`` of the stream ``data_seed``."""
+    draws = _Draws(mix_seed(data_seed, index))
+    background = _texture(draws, BACKGROUNDS)
+    background_to = None
+    if draws.uniform() < 0.3:
+        background_to = draws.choice([c for c in COLORS if c != background.color])
+    change_frame = draws.integer(2, max(2, frames - 4))
+    objects = []
+    for _ in range(draws.integer(3, 8)):
+        texture = _texture(draws, TEXTURES, exclude=background.color)
+        radius = math.exp(draws.uniform(math.log(0.05), math.log(0.17)))
+        motion = draws.choice(("still", "moves", "moves", "bounces", "bounces"))
+        direction = draws.choice(tuple(DIRECTIONS))
+        speed = draws.uniform(0.006, 0.03)
+        middle = (draws.uniform(0.1, 0.9), draws.uniform(0.1, 0.9))
+        dx, dy = DIRECTIONS[direction]
+        if motion == "moves":  # centred on the clip's middle frame, so it stays mostly in view
+            half = speed * (frames - 1) / 2
+            start = (middle[0] - dx * half, middle[1] - dy * half)
+        else:
+            start = middle
+        spin = draws.uniform(0.04, 0.15) * draws.choice((-1.0, 1.0))
+        objects.append(
+            SceneObject(
+                shape=draws.choice(SHAPES),
+                texture=texture,
+                radius=radius,
+                start=start,
+                motion=motion,
+                direction=direction,
+                speed=speed,
+                angle=draws.uniform(0.0, 2 * math.pi),
+                spin=spin if draws.uniform() < 0.3 else 0.0,
+            )
+        )
+    pan = draws.choice(PANS)
+    zoom = draws.choice(ZOOMS)
+    return Scene(
+        index=index,
+        background=background,
+        background_to=background_to,
+        change_frame=change_frame,
+        objects=tuple(objects),
+        pan=pan,
+        pan_speed=draws.uniform(0.008, 0.025) if pan != "none" else 0.0,
+        zoom=zoom,
+        zoom_rate={"none": 0.0, "in": 1.0, "out": -1.0}[zoom] * draws.uniform(0.015, 0.035),
+    )
+
+
+def _size_word(radius: float) -> str:
+    return "small " if radius < 0.075 else ("big " if radius > 0.12 else "")
+
+
+def describe_object(obj: SceneObject) -> str:
+    """``"a big red striped circle bounces up-left and spins"``."""
+    texture = "" if obj.texture.kind == "solid" else obj.texture.kind + " "
+    what = f"{_size_word(obj.radius)}{obj.texture.color} {texture}{obj.shape}"
+    act = "stays still" if obj.motion == "still" else f"{obj.motion} {obj.direction}"
+    spin = " and spins" if obj.spin else ""
+    return f"a {what} {act}{spin}"
+
+
+def caption(scene: Scene) -> str:
+    """What the clip shows, in words the hashed text encoder sees (lower case, fixed grammar):
+    objects front to back, then camera and background.
+
+    Example: ``"a red striped circle bounces left. a small blue dotted square stays still.
+    the camera pans right and zooms in over a checkered green background that turns yellow."``
+    """
+    parts = [describe_object(o) + "." for o in reversed(scene.objects)]
+    camera = []
+    if scene.pan != "none":
+        camera.append(f"pans {scene.pan}")
+    if scene.zoom != "none":
+        camera.append(f"zooms {scene.zoom}")
+    camera_text = " and ".join(camera) if camera else "stays still"
+    bg = scene.background
+    turn = f" that turns {scene.background_to}" if scene.background_to else ""
+    parts.append(
+        f"{NUMBERS[len(scene.objects)]} shapes. the camera {camera_text} over a "
+        f"{bg.kind} {bg.color} background{turn}."
+    )
+    return " ".join(parts)

@@ -1,0 +1,92 @@
+"""A text encoder without weights: every word gets a fixed pseudo-random vector.
+
+``encode(["a red circle ..."]) -> (embeddings (B, L, text_dim), mask (B, L))``. Words are lower-case
+runs of letters, digits and hyphens; a word's vector is a standard Gaussian drawn from a
+counter-based hash of the word (BLAKE2b over ``(word, counter)``, Box-Muller), scaled to unit RMS,
+so it is identical on every process and machine and needs no vocabulary. A fixed sinusoidal code of
+the word's position is added (0.5 RMS) so that word order ("bounces left while the camera pans
+right") is visible to the model's cross-attention. Padding positions are zeros, as in the Wan
+pipeline's padded T5 embeddings; the mask says which positions hold words.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import struct
+from functools import lru_cache
+
+import torch
+
+_WORD = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
+_POSITION_RMS = 0.5
+
+
+def tokenize(text: str) -> list[str]:
+    """Lower-case words of ``text`` (punctuation dropped)."""
+    return _WORD.findall(text.lower())
+
+
+@lru_cache(maxsize=4096)
+def word_vector(word: str, dim: int) -> tuple[float, ...]:
+    """Unit-RMS Gaussian vector of ``word``: BLAKE2b(word, counter) bytes -> uniforms -> Box-Muller."""
+    needed = 2 * ((dim + 1) // 2)  # uniforms, in pairs
+    raw = b""
+    counter = 0
+    while len(raw) < 4 * needed:
+        raw += hashlib.blake2b(f"{counter}:{word}".encode(), digest_size=64).digest()
+        counter += 1
+    ints = struct.unpack(f"<{needed}I", raw[: 4 * needed])
+    uniforms = [(i + 0.5) / 2**32 for i in ints]  # (0, 1), never 0
+    values = []
+    for u1, u2 in zip(uniforms[0::2], uniforms[1::2], strict=True):
+        radius = math.sqrt(-2.0 * math.log(u1))
+        values += [radius * math.cos(2 * math.pi * u2), radius * math.sin(2 * math.pi * u2)]
+    values = values[:dim]
+    rms = math.sqrt(sum(v * v for v in values) / dim)
+    return tuple(v / rms for v in values)
+
+
+def position_codes(length: int, dim: int) -> torch.Tensor:
+    """``(length, dim)`` sinusoidal position code with RMS ``_POSITION_RMS``."""
+    pos = torch.arange(length, dtype=torch.float64).unsqueeze(1)
+    freqs = torch.exp(-math.log(1000.0) * torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    code = torch.zeros(length, dim, dtype=torch.float64)
+    code[:, 0::2] = torch.sin(pos * freqs)
+    code[:, 1::2] = torch.cos(pos * freqs)[:, : dim // 2]
+    return (code * _POSITION_RMS * math.sqrt(2.0)).float()
+
+
+class HashedTextEncoder:
+    """Captions -> ``(B, max_tokens, dim)`` embeddings and ``(B, max_tokens)`` bool mask.
+
+    Captions longer than ``max_tokens`` words are cut (and counted in :attr:`truncated`).
+    The empty caption gives all zeros (the unconditional input for classifier-free guidance).
+    """
+
+    def __init__(self, dim: int = 64, max_tokens: int = 96) -> None:
+        if dim < 2 or max_tokens < 1:
+            raise ValueError(f"need dim >= 2 and max_tokens >= 1, got {dim}, {max_tokens}")
+        self.dim, self.max_tokens = dim, max_tokens
+        self._positions = position_codes(max_tokens, dim)
+        self.truncated = 0
+
+    def __call__(
+        self, captions: list[str] | str, device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(captions, str):
+            captions = [captions]
+        out = torch.zeros(len(captions), self.max_tokens, self.dim)
+        mask = torch.zeros(len(captions), self.max_tokens, dtype=torch.bool)
+        for b, text in enumerate(captions):
+            words = tokenize(text)
+            if len(words) > self.max_tokens:
+                self.truncated += 1
+                words = words[: self.max_tokens]
+            if not words:
+                continue
+            vectors = torch.tensor([word_vector(w, self.dim) for w in words])  # (n, dim)
+            out[b, : len(words)] = vectors + self._positions[: len(words)]
+            mask[b, : len(words)] = True
+        return out.to(device), mask.to(device)

@@ -1,0 +1,340 @@
+"""Flow-matching trainer for the testbed model; resumable, time-budgeted, DDP under torchrun.
+
+    torchrun --nproc-per-node 4 -m pasa.testbed.train --out /ckpt/run1 --max-minutes 8.5 --resume
+
+Every random draw is keyed by a counter, not by hidden RNG state: the clips of step s on rank r are
+``clip_indices(s, rank=r)`` of stream ``--data-seed``, and the times, noise and caption dropout of
+step s on rank r come from a generator seeded by ``(--seed, s, r)``. A resumed run therefore sees
+exactly what an uninterrupted one would (on CPU the weights are bit-identical). ``--max-minutes``
+stops cleanly before the limit and writes ``state.pt`` (model, EMA, optimizer, step, elapsed time,
+arguments) atomically; ``--resume`` continues from it. ``--export`` writes the EMA weights as a
+bf16 testbed checkpoint (see :mod:`pasa.testbed.model`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pasa.testbed.data import clip_indices, make_batch
+from pasa.testbed.flow import NUM_TRAIN_TIMESTEPS, noisy_input, sample_time
+from pasa.testbed.model import (
+    PRESETS,
+    TestbedConfig,
+    build_model,
+    count_parameters,
+    pixels_to_latents,
+    save_testbed,
+)
+from pasa.testbed.scene import mix_seed
+from pasa.testbed.text import HashedTextEncoder
+
+STATE_FILE = "state.pt"
+_SAVE_MARGIN_S = 30.0  # stop this long before --max-minutes: time to write the checkpoint
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pasa.testbed.train", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--out", required=True, help="run directory (state.pt, log.jsonl)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="testbed")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/state.pt if present")
+    p.add_argument("--max-minutes", type=float, default=8.5, help="wall-clock budget of this call")
+    p.add_argument("--total-steps", type=int, default=None, help="stop (and end the LR decay) here")
+    p.add_argument("--batch-size", type=int, default=4, help="clips per rank at the largest size")
+    p.add_argument("--sizes", default=None, help="pixel sizes, e.g. '256,128' (default: preset's)")
+    p.add_argument("--size-weights", default=None, help="relative frequency of each size")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--warmup", type=int, default=500)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay (0 = no EMA)")
+    p.add_argument("--time-dist", choices=("logit_normal", "uniform"), default="logit_normal")
+    p.add_argument("--shift", type=float, default=3.0, help="time shift, as in the sampler")
+    p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--save-minutes", type=float, default=4.0, help="also save every N minutes")
+    p.add_argument("--log-every", type=int, default=20)
+    p.add_argument(
+        "--export", default=None, help="write EMA weights here (.safetensors) at the end"
+    )
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer")
+    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    return p
+
+
+def _dist_info() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world
+
+
+def _parse_sizes(args: argparse.Namespace, config: TestbedConfig) -> tuple[list[int], list[float]]:
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else [config.height]
+    weights = (
+        [float(w) for w in args.size_weights.split(",")]
+        if args.size_weights
+        else [1.0] * len(sizes)
+    )
+    if len(weights) != len(sizes):
+        raise ValueError(f"--size-weights has {len(weights)} entries for {len(sizes)} sizes")
+    step = 2 * config.pixel_factor
+    for s in sizes:
+        if s % step or max(sizes) % s:
+            raise ValueError(f"size {s} must divide {max(sizes)} and be a multiple of {step}")
+    return sizes, weights
+
+
+def _step_size(step: int, seed: int, sizes: list[int], weights: list[float]) -> int:
+    """The pixel size of ``step`` (the same on every rank)."""
+    u = (mix_seed(seed, step, salt=7) % 2**24) / 2**24 * sum(weights)
+    for size, weight in zip(sizes, weights, strict=True):
+        if u < weight:
+            return size
+        u -= weight
+    return sizes[-1]
+
+
+def lr_at(step: int, args: argparse.Namespace) -> float:
+    """Linear warm-up, then constant, or cosine down to 10% at ``--total-steps``."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    if args.total_steps is None:
+        return args.lr
+    progress = min(1.0, (step - args.warmup) / max(1, args.total_steps - args.warmup))
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class Trainer:
+    """One run: model, EMA, optimizer, step counter, and the step function."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.rank, local_rank, self.world = _dist_info()
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if args.device:
+            self.device = torch.device(args.device)
+        elif torch.cuda.is_available():
+            self.device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        self.config = PRESETS[args.preset]
+        self.sizes, self.size_weights = _parse_sizes(args, self.config)
+        self.text = HashedTextEncoder(self.config.text_dim, self.config.max_text_tokens)
+        torch.manual_seed(args.seed)  # identical initial weights on every rank
+        self.model = build_model(self.config).to(self.device).train()
+        if args.grad_checkpointing:
+            self.model.enable_gradient_checkpointing()
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False) if args.ema > 0 else None
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99)
+        )
+        self.step, self.elapsed_s, self.samples = 0, 0.0, 0
+        self.out = Path(args.out)
+        if args.resume and (self.out / STATE_FILE).is_file():
+            self._load(self.out / STATE_FILE)
+        net = self.model
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            net = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
+        self.net = torch.compile(net) if args.compile else net
+
+    # -- state ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.opt.state_dict(),
+            "step": self.step,
+            "elapsed_s": self.elapsed_s,
+            "samples": self.samples,
+            "config": asdict(self.config),
+            "args": vars(self.args),
+        }
+
+    def _load(self, path: Path) -> None:
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        if state["config"] != asdict(self.config):
+            raise ValueError(f"{path} was trained with a different config: {state['config']}")
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.step, self.elapsed_s, self.samples = (
+            state["step"],
+            state["elapsed_s"],
+            state["samples"],
+        )
+
+    def save(self) -> None:
+        """Atomically write ``state.pt`` (rank 0), then wait for every rank."""
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            tmp = self.out / (STATE_FILE + ".tmp")
+            torch.save(self.state_dict(), tmp)
+            os.replace(tmp, self.out / STATE_FILE)
+        if self.world > 1:
+            dist.barrier()
+
+    def export(self, path: str | os.PathLike) -> Path:
+        """EMA (or live) weights as a bf16 testbed checkpoint with the training record."""
+        record = {
+            "steps": self.step,
+            "samples": self.samples,
+            "data_seed": self.args.data_seed,
+            "seed": self.args.seed,
+            "world_size": self.world,
+            "batch_size_per_rank": self.args.batch_size,
+            "sizes": self.sizes,
+            "lr": self.args.lr,
+            "ema": self.args.ema,
+            "shift": self.args.shift,
+            "train_hours": round(self.elapsed_s / 3600, 3),
+            "device": torch.cuda.get_device_name(self.device)
+            if self.device.type == "cuda"
+            else "cpu",
+        }
+        return save_testbed(self.ema or self.model, self.config, path, training=record)
+
+    # -- training ------------------------------------------------------------------------
+
+    def batch_for(self, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Latents ``(B, C, F, h, w)`` and text ``(B, L, text_dim)`` of ``step`` on this rank."""
+        size = _step_size(step, self.args.seed, self.sizes, self.size_weights)
+        largest = max(self.sizes)
+        batch = self.args.batch_size * (largest // size) ** 2  # same tokens per step at every size
+        indices = clip_indices(step, batch_size=batch, rank=self.rank, world_size=self.world)
+        pixels, captions = make_batch(
+            indices,
+            data_seed=self.args.data_seed,
+            frames=self.config.frames,
+            height=size,
+            width=size,
+            device=self.device,
+            supersample=largest // size,
+        )
+        gen = torch.Generator().manual_seed(mix_seed(self.args.seed, step, salt=self.rank + 1))
+        drop = torch.rand(batch, generator=gen) < self.args.caption_dropout
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
+        text, _ = self.text(captions, device=self.device)
+        latents = pixels_to_latents(pixels, self.config.pixel_factor)
+        return latents, text, batch
+
+    def train_step(self) -> float:
+        """One optimizer step; returns the (rank-local) loss."""
+        step = self.step
+        latents, text, batch = self.batch_for(step)
+        gen = torch.Generator().manual_seed(mix_seed(self.args.seed, step, salt=1000 + self.rank))
+        t = sample_time(
+            batch, generator=gen, distribution=self.args.time_dist, shift=self.args.shift
+        )
+        noise_gen = torch.Generator(self.device).manual_seed(
+            mix_seed(self.args.seed, step, 2000 + self.rank)
+        )
+        noise = torch.randn(latents.shape, generator=noise_gen, device=self.device)
+        t = t.to(self.device)
+        x_t, target = noisy_input(latents, noise, t)
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(step, self.args)
+        with torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda"):
+            pred = self.net(
+                hidden_states=x_t,
+                timestep=t * NUM_TRAIN_TIMESTEPS,
+                encoder_hidden_states=text,
+                return_dict=False,
+            )[0]
+        loss = F.mse_loss(pred.float(), target)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.grad_clip)
+        self.opt.step()
+        if self.ema is not None:
+            decay = min(self.args.ema, (1 + step) / (10 + step))  # short warm-up of the average
+            with torch.no_grad():
+                for e, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
+                    e.lerp_(p, 1 - decay)
+        self.step += 1
+        self.samples += batch * self.world
+        return float(loss.detach())
+
+    def _log(self, row: dict) -> None:
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with open(self.out / "log.jsonl", "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+
+    def _should_stop(self, call_start: float) -> bool:
+        """Every rank stops at the same step: rank 0's clock decides."""
+        limit = self.args.max_minutes * 60 - _SAVE_MARGIN_S
+        stop = torch.tensor([time.monotonic() - call_start > limit], device=self.device)
+        if self.world > 1:
+            dist.broadcast(stop, 0)
+        return bool(stop.item())
+
+    def run(self) -> dict:
+        """Train until ``--total-steps`` or the time budget; save; return a summary."""
+        args, start = self.args, time.monotonic()
+        last_save, losses, log = start, [], []
+        total = args.total_steps
+        bar = tqdm(
+            total=total, initial=self.step, disable=self.rank != 0, desc="train", unit="step"
+        )
+        if self.rank == 0:
+            params = count_parameters(self.model)
+            bar.write(f"testbed: {params / 1e6:.2f}M params, grid {self.config.token_grid()}, "
+                      f"world {self.world}, from step {self.step}")  # fmt: skip
+        while total is None or self.step < total:
+            if self._should_stop(start):
+                break
+            t0 = time.monotonic()
+            losses.append(self.train_step())
+            self.elapsed_s += time.monotonic() - t0
+            bar.update(1)
+            if self.step % args.log_every == 0 or self.step == total:
+                mean = sum(losses) / len(losses)
+                bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr_at(self.step - 1, args):.2e}")
+                row = {"step": self.step, "loss": mean, "samples": self.samples,
+                       "elapsed_s": round(self.elapsed_s, 1)}  # fmt: skip
+                log.append(row)
+                self._log(row)
+                losses = []
+            if time.monotonic() - last_save > args.save_minutes * 60:
+                self.save()
+                last_save = time.monotonic()
+        bar.close()
+        self.save()
+        if self.rank == 0 and args.export:
+            self.export(args.export)
+        return {"step": self.step, "samples": self.samples, "log": log}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    trainer = Trainer(args)
+    try:
+        trainer.run()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,42 @@
+"""The hashed-word text encoder: fixed values, masks, padding, order."""
+
+import pytest
+import torch
+
+from pasa.testbed.text import HashedTextEncoder, tokenize, word_vector
+
+
+def test_word_vectors_are_fixed_constants():
+    # BLAKE2b is the same everywhere, so these values hold on every machine and process.
+    assert word_vector("red", 8)[:3] == pytest.approx(
+        (1.2460596790982454, -1.3339823324586846, 1.1497863642360526), abs=1e-12
+    )
+    v = torch.tensor(word_vector("bounces", 64))
+    assert v.pow(2).mean().sqrt() == pytest.approx(1.0)
+    assert not torch.allclose(v, torch.tensor(word_vector("bounce", 64)))
+
+
+def test_encode_shapes_mask_padding():
+    enc = HashedTextEncoder(dim=16, max_tokens=8)
+    emb, mask = enc(["A red circle.", "", "one two three four five six seven eight nine ten"])
+    assert emb.shape == (3, 8, 16) and mask.shape == (3, 8) and mask.dtype == torch.bool
+    assert mask[0].tolist() == [True] * 3 + [False] * 5
+    assert not mask[1].any() and emb[1].abs().sum() == 0  # empty caption: unconditional zeros
+    assert emb[0, 3:].abs().sum() == 0
+    assert mask[2].all() and enc.truncated == 1
+    again, _ = HashedTextEncoder(dim=16, max_tokens=8)(["a red circle"])
+    assert torch.equal(again[0], emb[0])
+
+
+def test_order_matters_and_tokenize():
+    enc = HashedTextEncoder(dim=16, max_tokens=4)
+    a, _ = enc("pans left")
+    b, _ = enc("left pans")
+    assert not torch.allclose(a, b)
+    assert tokenize("Bounces UP-LEFT, then 3 spins.") == [
+        "bounces",
+        "up-left",
+        "then",
+        "3",
+        "spins",
+    ]
