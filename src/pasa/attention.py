@@ -98,6 +98,21 @@ def plan_blocks(
         :class:`BlockPlan` with ``kv_indices (B, H, Nq, Kmax)`` in the tiled block order.
     """
     layout = layout_for(q, grid=grid, config=config, num_text_tokens=num_text_tokens)
+    fast = _fast_path(q, config)
+    want = config.density if density is None else density
+    if fast is not None and want < 1.0:
+        _, qg = fast.gather_tokens(q, layout.perm, pool_group=config.group_size)
+        _, kg = fast.gather_tokens(k, layout.perm, pool_group=config.group_size)
+        return fast.plan_from_means(
+            qg,
+            kg,
+            layout=layout,
+            config=config,
+            density=want,
+            step=step,
+            layer=layer,
+            head_offset=head_offset,
+        )
     return _plan_tiled(
         layout.to_blocks(q), layout.to_blocks(k), layout, config, step, layer, density, head_offset
     )
@@ -130,6 +145,15 @@ def _plan_tiled(
         layer=layer,
         head_offset=head_offset,
     )
+
+
+def _fast_path(q: torch.Tensor, config: PASAConfig):
+    """pasa.kernels.pipeline when the Triton path serves this call (CUDA), else None."""
+    if q.device.type != "cuda":
+        return None
+    from pasa.kernels import pipeline
+
+    return pipeline if pipeline.fast_path_unavailable(q, config) is None else None
 
 
 def sparse_attention(
@@ -171,12 +195,49 @@ def sparse_attention(
         >>> out.shape
         torch.Size([1, 1024, 2, 64])
     """
+    if torch.compiler.is_compiling():  # one opaque op: fullgraph-safe (pasa/backends/custom_ops.py)
+        from pasa.backends.custom_ops import config_args, sparse_attention_op
+
+        out, lse = sparse_attention_op(
+            q,
+            k,
+            v,
+            [int(g) for g in grid],
+            num_text_tokens,
+            *config_args(config),
+            step,
+            layer,
+            -1.0 if density is None else float(density),
+            head_offset,
+            None if plan is None else plan.kv_indices,
+            None if plan is None else plan.kv_counts,
+        )
+        return (out, lse) if return_lse else out
     validate_qkv(
         q, k, v, grid=grid, num_text_tokens=num_text_tokens, check_finite=config.check_finite
     )
     backend = get_backend(config.backend, q.device)
     layout = layout_for(q, grid=grid, config=config, num_text_tokens=num_text_tokens)
-    qt, kt, vt = layout.to_blocks(q), layout.to_blocks(k), layout.to_blocks(v)  # (B, S, H, D)
+    fast = _fast_path(q, config)
+    if fast is not None:  # CUDA: Triton gather (+ group means), fused estimate, GPU routing
+        want = config.density if density is None else density
+        pool = config.group_size if plan is None and want < 1.0 else None
+        qt, kt, vt, qg, kg = fast.to_tiled(q, k, v, layout, pool)  # (B, S, H, D) tiled
+        if plan is None and pool is None:
+            plan = fast.full_plan(layout, q.shape[0], q.shape[2], q.device)
+        elif plan is None:
+            plan = fast.plan_from_means(
+                qg,
+                kg,
+                layout=layout,
+                config=config,
+                density=want,
+                step=step,
+                layer=layer,
+                head_offset=head_offset,
+            )
+    else:
+        qt, kt, vt = layout.to_blocks(q), layout.to_blocks(k), layout.to_blocks(v)  # (B, S, H, D)
     if plan is None:
         plan = _plan_tiled(qt, kt, layout, config, step, layer, density, head_offset)
     elif plan.layout.num_blocks != layout.num_blocks or plan.kv_counts.shape != (
@@ -191,7 +252,10 @@ def sparse_attention(
     out, lse = backend.fn(qt, kt, vt, plan)
     if config.approximate:
         out, lse = add_approximate_branch(qt, kt, vt, plan, out, lse, group_size=config.group_size)
-    out = layout.from_blocks(out.to(q.dtype))
+    if fast is not None:
+        out = fast.from_tiled(out.to(q.dtype), layout)
+    else:
+        out = layout.from_blocks(out.to(q.dtype))
     if return_lse:
         return out, layout.from_blocks(lse, dim=2)
     return out

@@ -24,6 +24,8 @@ class Backend:
     fn: BackendFn
     # Returns None when usable on this device, else the reason it is not.
     unavailable: Callable[[torch.device], str | None]
+    # Device types "auto" may pick this backend for (None: every type it is available on).
+    auto_device_types: tuple[str, ...] | None = None
 
 
 def _always(_: torch.device) -> str | None:
@@ -44,6 +46,20 @@ def register_backend(backend: Backend, *, auto_rank: int | None = None) -> None:
         _AUTO_ORDER.insert(auto_rank, backend.name)
 
 
+def _register_optional_backends() -> None:
+    # flex and fa4 import only torch here; FlexAttention / flash-attn-4 load on first use.
+    from pasa.backends.fa4 import fa4_block_attention, fa4_unavailable
+    from pasa.backends.flex import flex_block_attention, flex_unavailable
+
+    register_backend(Backend("fa4", fa4_block_attention, fa4_unavailable, ("cuda",)), auto_rank=0)
+    register_backend(
+        Backend("flex", flex_block_attention, flex_unavailable, ("cuda",)), auto_rank=1
+    )
+
+
+_register_optional_backends()
+
+
 def available_backends(device: torch.device | str) -> dict[str, str | None]:
     """Every registered backend -> None if usable on ``device``, else why not."""
     device = torch.device(device)
@@ -55,8 +71,11 @@ def get_backend(name: str, device: torch.device | str) -> Backend:
     device = torch.device(device)
     if name == "auto":
         for candidate in _AUTO_ORDER:
-            if _BACKENDS[candidate].unavailable(device) is None:
-                return _BACKENDS[candidate]
+            b = _BACKENDS[candidate]
+            if b.auto_device_types is not None and device.type not in b.auto_device_types:
+                continue
+            if b.unavailable(device) is None:
+                return b
         raise RuntimeError("no PASA backend is available")  # reference always is
     if name not in _BACKENDS:
         known = ", ".join(sorted(_BACKENDS))

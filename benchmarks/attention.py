@@ -1,0 +1,340 @@
+"""Attention benchmark: dense baselines, FA4 / Flex on one plan, and PASA's whole call, split.
+
+Run from the repo root on a GPU machine::
+
+    PYTHONPATH=src python benchmarks/attention.py                      # every scenario, density
+    PYTHONPATH=src python benchmarks/attention.py --scenario wan14b-720p --densities 0.1 1
+    PYTHONPATH=src python benchmarks/attention.py --quick              # one scenario, few reps
+
+FLOPs (forward, non-causal, the dense-equivalent count): ``4 * B * H * S^2 * D``
+(``2 * S^2 * D`` for ``Q K^T`` and as many for ``P V``, per batch and head). *Effective* TFLOP/s of
+every row divides this dense count by the row's time, so a sparse kernel at density 0.1 that runs
+10x faster than dense shows the same effective TFLOP/s; the real work is ``density`` times that.
+
+Everything is measured in one process on the same random bf16 tensors: cuDNN SDPA dense, FA4 dense
+(when flash-attn-4 is installed), FA4 and FlexAttention on the identical plan (kernel only), and
+PASA's ``sparse_attention`` end to end (re-ordering, estimate, routing, kernel, order restored),
+with its parts timed separately. Results: JSON under ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import pasa
+from pasa.kernels.pipeline import from_tiled, plan_from_means, to_tiled
+from pasa.layout import make_layout
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    grid: tuple[int, int, int]  # (F, H, W) latent tokens after patchify
+    text_tokens: int
+    heads: int
+    head_dim: int = 128
+    batch: int = 1
+
+
+SCENARIOS = {
+    s.name: s
+    for s in (
+        Scenario("wan1.3b-480p", (21, 30, 52), 0, 12),  # 32,760 tokens
+        Scenario("wan14b-720p", (21, 45, 80), 0, 40),  # 75,600 tokens
+        Scenario("hunyuan-720p", (33, 45, 80), 256, 24),  # 118,800 video + 256 text
+    )
+}
+DENSITIES = (1.0, 0.5, 0.25, 0.1, 0.05)
+
+
+def cuda_time_ms(fn, *, warmup: int, reps: int) -> float:
+    """Median milliseconds of ``fn()`` over ``reps`` runs (CUDA events), after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def environment() -> dict:
+    def version(mod: str) -> str | None:
+        try:
+            from importlib.metadata import version as v
+
+            return v(mod)
+        except Exception:
+            return None
+
+    try:
+        smi = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+    except FileNotFoundError:
+        smi = None
+    return {
+        "gpu": torch.cuda.get_device_name(),
+        "driver": smi,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": version("triton"),
+        "flash_attn_4": version("flash-attn-4"),
+        "python": platform.python_version(),
+    }
+
+
+def _sdpa_dense_ms(q, k, v, *, warmup: int, reps: int) -> float:
+    """cuDNN SDPA on contiguous ``(B, H, S, D)`` copies (its best case: no transpose timed)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    qh, kh, vh = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # (B, H, S, D)
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        return cuda_time_ms(
+            lambda: torch.nn.functional.scaled_dot_product_attention(qh, kh, vh),
+            warmup=warmup,
+            reps=reps,
+        )
+
+
+def run_scenario(
+    sc: Scenario,
+    densities,
+    *,
+    warmup: int,
+    reps: int,
+    fa4_ok: bool,
+    backends=("fa4", "flex"),
+    sdpa: bool = True,
+) -> list[dict]:
+    from pasa.backends.flex import flex_block_attention
+
+    torch.manual_seed(0)
+    seq = sc.grid[0] * sc.grid[1] * sc.grid[2] + sc.text_tokens
+    shape = (sc.batch, seq, sc.heads, sc.head_dim)  # (B, S, H, D)
+    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    flops = 4 * sc.batch * sc.heads * seq * seq * sc.head_dim
+    tflops = lambda ms: flops / ms / 1e9  # noqa: E731
+    rows = []
+
+    def row(name: str, density: float, ms: float, **extra) -> None:
+        rows.append(
+            {
+                "scenario": sc.name,
+                "method": name,
+                "density": density,
+                "ms": round(ms, 3),
+                "eff_tflops": round(tflops(ms), 1),
+                **extra,
+            }
+        )
+        print(
+            f"{sc.name:14s} {name:24s} d={density:<5} {ms:9.3f} ms {tflops(ms):7.1f} TF/s",
+            " ".join(f"{k}={v}" for k, v in extra.items()),
+            flush=True,
+        )
+
+    if sdpa:
+        row("sdpa_cudnn_dense", 1.0, _sdpa_dense_ms(q, k, v, warmup=warmup, reps=reps))
+    if fa4_ok and "fa4" in backends:
+        from pasa.backends.fa4 import fa4_dense_attention
+
+        row(
+            "fa4_dense",
+            1.0,
+            cuda_time_ms(lambda: fa4_dense_attention(q, k, v), warmup=warmup, reps=reps),
+        )
+    layout = make_layout(sc.grid, num_text_tokens=sc.text_tokens, device="cuda")
+    backends = [b for b in backends if b != "fa4" or fa4_ok]
+
+    def measure(density: float) -> None:
+        config = pasa.PASAConfig(density=min(density, 1.0), backend=backends[0])
+        qt, kt, vt, qg, kg = to_tiled(q, k, v, layout, config.group_size)
+        kw = dict(layout=layout, config=config, density=density, step=7, layer=3, head_offset=0)
+        plan = plan_from_means(qg, kg, **kw)
+        real = plan.density()
+        # PASA's parts
+        parts = {
+            "permute": cuda_time_ms(
+                lambda: (
+                    to_tiled(q, k, v, layout, config.group_size if density < 1 else None),
+                    from_tiled(qt, layout),
+                ),
+                warmup=warmup,
+                reps=reps,
+            ),
+        }
+        if density < 1:
+            from pasa.kernels.estimate_triton import grouped_block_estimate, noise_key
+            from pasa.kernels.route_triton import route_from_scores
+            from pasa.route import _MASS_FLOOR
+
+            routing = {
+                "first_text_block": layout.first_text_block,
+                "noise_key": noise_key(config.seed, 7, 3),
+                "head_offset": 0,
+                "temperature": config.temperature,
+                "mass_floor": _MASS_FLOOR,
+            }
+            est = lambda: grouped_block_estimate(  # noqa: E731
+                qg, kg, seq_len=seq, block_size=128, group_size=config.group_size, routing=routing
+            )
+            share, scores = est()
+            parts["estimate"] = cuda_time_ms(est, warmup=warmup, reps=reps)
+            parts["estimate_tf32"] = cuda_time_ms(
+                lambda: grouped_block_estimate(
+                    qg,
+                    kg,
+                    seq_len=seq,
+                    block_size=128,
+                    group_size=config.group_size,
+                    routing=routing,
+                    precision="tf32",
+                ),
+                warmup=warmup,
+                reps=reps,
+            )
+            parts["route_sort_only"] = cuda_time_ms(  # top-k: row sort + plan, no threshold
+                lambda: route_from_scores(
+                    share,
+                    scores,
+                    layout=layout,
+                    config=config.replace(selection="top_k"),
+                    density=density,
+                ),
+                warmup=warmup,
+                reps=reps,
+            )
+            parts["route"] = cuda_time_ms(
+                lambda: route_from_scores(
+                    share, scores, layout=layout, config=config, density=density
+                ),
+                warmup=warmup,
+                reps=reps,
+            )
+        for name in backends:
+            if name == "fa4":
+                from pasa.backends.fa4 import fa4_block_attention as fn
+            else:
+                fn = flex_block_attention
+            kernel_ms = cuda_time_ms(lambda fn=fn: fn(qt, kt, vt, plan), warmup=warmup, reps=reps)
+            row(f"{name}_kernel_on_plan", round(real, 4), kernel_ms)
+            cfg = config.replace(backend=name, check_finite=False)
+            total = cuda_time_ms(
+                lambda cfg=cfg: pasa.sparse_attention(
+                    q,
+                    k,
+                    v,
+                    grid=sc.grid,
+                    config=cfg,
+                    num_text_tokens=sc.text_tokens,
+                    density=density,
+                    step=7,
+                    layer=3,
+                ),
+                warmup=warmup,
+                reps=reps,
+            )
+            split = {part: round(ms, 3) for part, ms in parts.items()}
+            split["kernel"] = round(kernel_ms, 3)
+            overhead = parts["estimate"] + parts["route"] if density < 1 else 0.0
+            row(
+                f"pasa_total_{name}",
+                round(real, 4),
+                total,
+                target_density=density,
+                parts=split,
+                estimate_route_over_kernel=round(overhead / kernel_ms, 4),
+            )
+
+    for density in densities:
+        measure(density)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--scenario",
+        action="append",
+        choices=sorted(SCENARIOS),
+        help="scenario(s) to run (default: all)",
+    )
+    p.add_argument("--densities", type=float, nargs="+", default=None)
+    p.add_argument("--quick", action="store_true", help="wan14b-720p at 1 and 0.1, 3 reps")
+    p.add_argument("--backends", nargs="+", default=["fa4", "flex"], choices=["fa4", "flex"])
+    p.add_argument("--no-sdpa", action="store_true", help="skip the cuDNN dense baseline")
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default: results/...)")
+    p.add_argument("--note", default="", help="free text stored with the results")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    names = args.scenario or (["wan14b-720p"] if args.quick else list(SCENARIOS))
+    densities = args.densities or ((1.0, 0.1) if args.quick else DENSITIES)
+    reps, warmup = (3, 1) if args.quick else (args.reps, args.warmup)
+    from pasa.backends.fa4 import fa4_unavailable
+
+    fa4_reason = fa4_unavailable(torch.device("cuda"))
+    if fa4_reason:
+        print(f"FA4 rows skipped: {fa4_reason}", flush=True)
+    rows = []
+    for name in names:
+        rows += run_scenario(
+            SCENARIOS[name],
+            densities,
+            warmup=warmup,
+            reps=reps,
+            fa4_ok=fa4_reason is None,
+            backends=tuple(args.backends),
+            sdpa=not args.no_sdpa,
+        )
+    root = Path(__file__).resolve().parent
+    try:
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=False
+            ).stdout.strip()
+            or None
+        )
+    except FileNotFoundError:
+        commit = None
+    result = {
+        "benchmark": "attention",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "env": environment(),
+        "commit": commit,
+        "note": args.note,
+        "flops_formula": "4 * B * H * S^2 * D (dense-equivalent; effective TFLOP/s = that / time)",
+        "fa4_unavailable": fa4_reason,
+        "rows": rows,
+    }
+    out = args.out or root / "results" / f"attention-{datetime.date.today()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

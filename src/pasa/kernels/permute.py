@@ -1,0 +1,66 @@
+"""Token re-ordering on GPU: one gather per tensor, with the group means of the estimate fused in."""
+
+from __future__ import annotations
+
+import torch
+
+from pasa.kernels._triton_kernels import gather_pool_kernel
+
+# Elements one program moves; a power of two that keeps the tile in registers.
+_TILE_ELEMENTS = 16384
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def gather_tokens(
+    x: torch.Tensor,
+    index: torch.Tensor,
+    *,
+    seq_dim: int = 1,
+    pool_group: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``x`` re-ordered along the sequence, and optionally its group means, in one pass.
+
+    Args:
+        x: ``(B, S, H, D)`` (``seq_dim=1``) or ``(B, H, S, D)`` (``seq_dim=2``), any strides with
+            the last dim contiguous, on CUDA.
+        index: ``(S,)`` int64, output token ``t`` is input token ``index[t]``.
+        pool_group: when set, also the means of each ``pool_group`` consecutive output tokens.
+    Returns:
+        ``(B, S, H, D)`` contiguous in the new order, and ``(B, H, NG, D)`` fp32 means or None.
+    """
+    if seq_dim == 2:
+        x = x.transpose(1, 2)  # (B, S, H, D) view
+    batch, seq, heads, dim = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = torch.empty((batch, seq, heads, dim), dtype=x.dtype, device=x.device)
+    group = pool_group or 32
+    num_groups = -(-seq // group)
+    pooled = None
+    if pool_group:
+        pooled = torch.empty((batch, heads, num_groups, dim), dtype=torch.float32, device=x.device)
+    block_d = _next_pow2(dim)
+    hb = max(1, min(_next_pow2(heads), _TILE_ELEMENTS // (_next_pow2(group) * block_d)))
+    grid = (num_groups, -(-heads // hb), batch)
+    gather_pool_kernel[grid](
+        x,
+        index,
+        out,
+        pooled if pooled is not None else out,
+        seq,
+        heads,
+        num_groups,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        D=dim,
+        GROUP=group,
+        HB=hb,
+        BLOCK_D=block_d,
+        POOL=pool_group is not None,
+        num_warps=8,
+    )
+    return out, pooled

@@ -1,0 +1,133 @@
+"""Block routing on GPU without host synchronisation, plans identical to pasa/route.py.
+
+pasa/route.py finds one top-p threshold for the whole call by 32 bisection steps over a full
+``argsort``; here the same plan comes from one row sort per query block (in registers), one
+``cumsum`` and one order statistic:
+
+    count(row, p) = clamp(#{cum < p} + 1, lo, hi) = lo + #{rank r in [lo-1, hi-2] : cum_r < p}
+
+so the total count over all rows is ``sum(lo)`` plus a *global* count of eligible cumulative shares
+below ``p``, and the bisection's answer is the K-th smallest eligible cumulative share ``c*``,
+``K = ceil(target - sum(lo))`` (``K`` is known on the host: ``lo``, ``hi`` depend on the layout
+only). Rows then take ``lo + #{eligible cum <= c*}`` blocks. Plans differ from pasa/route.py only
+where scores tie exactly or cumulative shares lie closer than the bisection's resolution.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+
+from pasa.config import PASAConfig
+from pasa.kernels._triton_kernels import build_plan_kernel, rank_row_kernel
+from pasa.layout import TokenLayout
+from pasa.plan import BlockPlan
+from pasa.route import _count_bounds, forced_blocks
+
+
+@lru_cache(maxsize=64)
+def _bounds(
+    num_blocks: int, first_text_block: int, min_blocks: int, max_blocks: int | None, device: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+    """Count floor / ceiling per query block (device int32), the eligibility mask of ranks
+    ``[lo-1, hi-2]`` (device bool ``(N, N)``), ``sum(lo)`` and ``sum(max(hi - lo, 0))``."""
+
+    class _L:  # the two layout facts forced_blocks reads
+        pass
+
+    fake = _L()
+    fake.num_blocks, fake.first_text_block = num_blocks, first_text_block
+    config = PASAConfig(min_blocks=min_blocks, max_blocks=max_blocks)
+    forced, dense_rows = forced_blocks(fake, "cpu")  # type: ignore[arg-type]
+    lo, hi = _count_bounds(forced, dense_rows, config)  # (N,), (N,) int64
+    rank = torch.arange(num_blocks)
+    eligible = (rank[None, :] >= lo[:, None] - 1) & (rank[None, :] <= hi[:, None] - 2)
+    return (
+        lo.to(device=device, dtype=torch.int32),
+        hi.to(device=device, dtype=torch.int32),
+        eligible.to(device),
+        int(lo.sum()),
+        int((hi - lo).clamp(min=0).sum()),
+    )
+
+
+def route_from_scores(
+    share: torch.Tensor,
+    scores: torch.Tensor,
+    *,
+    layout: TokenLayout,
+    config: PASAConfig,
+    density: float,
+) -> BlockPlan:
+    """The plan pasa/route.py's :func:`select_blocks` makes from these routing keys.
+
+    Args:
+        share: ``(B, H, N, N)`` fp32 floored row share of block mass (route.py's ``share``).
+        scores: ``(B, H, N, N)`` fp32 ``log share + tau * Gumbel``, forced blocks ``+inf``.
+        density: target mean density, < 1.
+    Returns:
+        :class:`BlockPlan` with ``Kmax = N``; no host synchronisation.
+    """
+    batch, heads, n, _ = scores.shape
+    rows = batch * heads * n
+    lo, hi, eligible, lo_total, eligible_total = _bounds(
+        n, layout.first_text_block, config.min_blocks, config.max_blocks, str(scores.device)
+    )
+    block = max(16, 1 << (n - 1).bit_length())
+    top_p = config.selection == "top_p"
+    order = torch.empty((batch, heads, n, n), dtype=torch.int32, device=scores.device)
+    ranked = torch.empty_like(share) if top_p else share
+    rank_row_kernel[(rows,)](
+        scores.contiguous(),
+        share.contiguous(),
+        order,
+        ranked,
+        n,
+        BLOCK=block,
+        RANKED=top_p,
+        num_warps=4,
+    )
+    cum, thr = share, share
+    if top_p:
+        cum = ranked.cumsum(-1)  # same op and order as route.py: identical sums
+        need = math.ceil(density * rows * n - batch * heads * lo_total)
+        if need <= 0:
+            thr = torch.full((1,), float("-inf"), device=scores.device)
+        elif need > batch * heads * eligible_total:
+            thr = torch.full((1,), float("inf"), device=scores.device)
+        else:
+            # K-th smallest eligible value by a full sort (torch.topk with k in the millions is
+            # the suspected cause of an illegal memory access seen on torch 2.11 / H100).
+            vals = torch.where(eligible, cum, float("inf")).view(-1)
+            thr = vals.sort().values[need - 1].view(1)
+    kv_indices = torch.empty((batch, heads, n, n), dtype=torch.int32, device=scores.device)
+    kv_counts = torch.empty((batch, heads, n), dtype=torch.int32, device=scores.device)
+    build_plan_kernel[(rows,)](
+        order,
+        cum,
+        lo,
+        hi,
+        thr,
+        round(density * n),
+        kv_indices,
+        kv_counts,
+        n,
+        TOP_P=top_p,
+        BLOCK=block,
+        num_warps=4,
+    )
+    return BlockPlan(kv_indices, kv_counts, layout)
+
+
+@lru_cache(maxsize=64)
+def full_plan_tensors(
+    batch: int, heads: int, n: int, device: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kv_indices`` / ``kv_counts`` of the dense plan (every block), built without a sort."""
+    # Materialised, not expanded: the kernels read index tensors with their own stride
+    # assumptions (a stride-0 tensor crashed compiled FlexAttention at 75,600 tokens).
+    idx = torch.arange(n, dtype=torch.int32, device=device).expand(batch, heads, n, n).contiguous()
+    cnt = torch.full((batch, heads, n), n, dtype=torch.int32, device=device)
+    return idx, cnt

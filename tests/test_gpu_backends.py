@@ -1,0 +1,179 @@
+"""GPU correctness: every backend against the reference; the Triton estimator and router against
+pasa/estimate.py and pasa/route.py; compile-safety on CUDA. Skipped without CUDA.
+
+Shapes are small (a few hundred to ~1,300 tokens) but hit the edges: ragged last block, text
+tokens, batch 2, per-head different block counts (top-p plans), bf16 and fp16.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pasa
+from pasa.backends.reference import reference_block_attention
+from pasa.backends.registry import available_backends, get_backend
+from pasa.estimate import block_mass
+from pasa.layout import make_layout
+from pasa.noise import routing_gumbel
+from pasa.route import select_blocks
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+# (grid, text tokens): 1,285 tokens = 10 full blocks + a ragged text block; 365 tokens = 3 blocks.
+CASES = [((4, 16, 20), 5), ((3, 10, 12), 0), ((1, 7, 97), 13)]
+
+
+def _inputs(grid, text, dtype, heads=3, dim=64, batch=2, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    seq = grid[0] * grid[1] * grid[2] + text
+    return [
+        torch.randn(batch, seq, heads, dim, device="cuda", generator=g).mul(1.5).to(dtype)
+        for _ in range(3)
+    ]
+
+
+def _plan(q, k, layout, density=0.4):
+    qt, kt = layout.to_blocks(q), layout.to_blocks(k)
+    mass = block_mass(qt, kt, block_size=128, group_size=32)
+    return select_blocks(mass, layout=layout, config=pasa.PASAConfig(density=density))
+
+
+def _sdpa_error(qt, kt, vt, plan, ref_out):
+    """Error bf16/fp16 SDPA (dense boolean mask from the plan) makes against the fp32 reference."""
+    bs = plan.layout.block_size
+    mask = plan.to_dense_mask().repeat_interleave(bs, 2).repeat_interleave(bs, 3)
+    seq = qt.shape[1]
+    mask = mask[..., :seq, :seq]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        qt.transpose(1, 2), kt.transpose(1, 2), vt.transpose(1, 2), attn_mask=mask
+    ).transpose(1, 2)
+    return (out.float() - ref_out).abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("grid,text", CASES)
+@pytest.mark.parametrize("backend", ["flex", "fa4"])
+def test_backend_matches_reference(backend, grid, text, dtype):
+    reason = available_backends("cuda")[backend]
+    if reason is not None:
+        pytest.skip(reason)
+    layout = make_layout(grid, num_text_tokens=text, device="cuda")
+    q, k, v = _inputs(grid, text, dtype)
+    plan = _plan(q, k, layout)
+    assert plan.kv_counts.unique().numel() > 1 or layout.num_blocks < 4  # rows differ
+    qt, kt, vt = (layout.to_blocks(t) for t in (q, k, v))
+    ref_out, ref_lse = reference_block_attention(qt.float(), kt.float(), vt.float(), plan)
+    tol = 2 * max(_sdpa_error(qt, kt, vt, plan, ref_out), 1e-3)
+    out, lse = get_backend(backend, "cuda").fn(qt, kt, vt, plan)
+    assert out.shape == qt.shape and lse.shape == ref_lse.shape and lse.dtype == torch.float32
+    assert (out.float() - ref_out).abs().max().item() <= tol
+    assert (lse - ref_lse).abs().max().item() <= 1e-2
+
+
+def test_fa4_refuses_cleanly_when_unavailable():
+    reason = available_backends("cuda")["fa4"]
+    if reason is None:
+        pytest.skip("fa4 is available here")
+    with pytest.raises(RuntimeError, match="fa4"):
+        get_backend("fa4", "cuda")
+
+
+@pytest.mark.parametrize("group_size", [16, 32, 128])
+@pytest.mark.parametrize("grid,text", CASES)
+def test_triton_block_mass_matches_torch(grid, text, group_size):
+    from pasa.kernels.estimate_triton import block_mass_triton
+
+    layout = make_layout(grid, num_text_tokens=text, device="cuda")
+    q, k, _ = _inputs(grid, text, torch.bfloat16)
+    qt, kt = layout.to_blocks(q), layout.to_blocks(k)
+    ref = block_mass(qt, kt, block_size=128, group_size=group_size)
+    got = block_mass_triton(qt, kt, block_size=128, group_size=group_size)
+    assert ((got - ref).abs() <= 1e-3 * ref.abs() + 1e-7).all()
+
+
+def test_triton_noise_is_bit_exact():
+    from pasa.kernels.estimate_triton import routing_gumbel_triton
+
+    ref = routing_gumbel(
+        seed=11,
+        step=4,
+        layer=9,
+        heads=torch.arange(5, 9),
+        num_q_blocks=37,
+        num_k_blocks=300,
+        device="cuda",
+    )
+    got = routing_gumbel_triton(
+        seed=11, step=4, layer=9, heads=4, head_offset=5, num_q=37, num_k=300, device="cuda"
+    )
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("selection", ["top_p", "top_k"])
+@pytest.mark.parametrize("grid,text", CASES)
+def test_gpu_plan_matches_route(grid, text, selection):
+    """The fused estimate + GPU router give pasa/route.py's plan (no near-ties at these shapes)."""
+    from pasa.attention import plan_blocks
+
+    config = pasa.PASAConfig(density=0.3, selection=selection, seed=2)
+    q, k, _ = _inputs(grid, text, torch.bfloat16)
+    got = plan_blocks(q, k, grid=grid, config=config, num_text_tokens=text, step=3, layer=2)
+    layout = make_layout(grid, num_text_tokens=text, device="cuda")
+    mass = block_mass(layout.to_blocks(q), layout.to_blocks(k), block_size=128, group_size=32)
+    ref = select_blocks(mass, layout=layout, config=config, step=3, layer=2)
+    assert torch.equal(got.kv_counts, ref.kv_counts)
+    assert torch.equal(got.kv_indices, ref.kv_indices)
+
+
+@pytest.mark.parametrize("backend", ["flex", "fa4", "reference"])
+def test_sparse_attention_cuda_end_to_end(backend):
+    if available_backends("cuda")[backend] is not None:
+        pytest.skip(available_backends("cuda")[backend])
+    grid, text = CASES[0]
+    q, k, v = _inputs(grid, text, torch.bfloat16)
+    config = pasa.PASAConfig(density=0.4, backend=backend)
+    out, lse = pasa.sparse_attention(
+        q, k, v, grid=grid, config=config, num_text_tokens=text, return_lse=True
+    )
+    plan = pasa.plan_blocks(q, k, grid=grid, config=config, num_text_tokens=text)
+    ref = pasa.sparse_attention(
+        q.float(),
+        k.float(),
+        v.float(),
+        grid=grid,
+        num_text_tokens=text,
+        config=config.replace(backend="reference"),
+        plan=plan,
+    )
+    assert (out.float() - ref).abs().max().item() < 3e-2
+    assert lse.shape == (2, 3, q.shape[1])
+
+
+def test_flex_no_recompile_on_new_plan():
+    import torch._dynamo.utils as dyn_utils
+
+    grid, text = CASES[0]
+    layout = make_layout(grid, num_text_tokens=text, device="cuda")
+    q, k, v = _inputs(grid, text, torch.bfloat16)
+    qt, kt, vt = (layout.to_blocks(t) for t in (q, k, v))
+    fn = get_backend("flex", "cuda").fn
+    fn(qt, kt, vt, _plan(q, k, layout, 0.4))
+    before = dyn_utils.counters["stats"]["unique_graphs"]
+    fn(qt, kt, vt, _plan(q, k, layout, 0.7))
+    assert dyn_utils.counters["stats"]["unique_graphs"] == before
+
+
+def test_compile_fullgraph_cuda():
+    grid, text = CASES[0]
+    q, k, v = _inputs(grid, text, torch.bfloat16)
+    config = pasa.PASAConfig(density=0.4, backend="flex")
+
+    def f(q, k, v):
+        return pasa.sparse_attention(q, k, v, grid=grid, config=config, num_text_tokens=text) * 2
+
+    got = torch.compile(f, fullgraph=True)(q, k, v)
+    assert torch.allclose(got, f(q, k, v))
