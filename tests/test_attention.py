@@ -190,3 +190,23 @@ def test_approximate_branch_reduces_error_and_leaves_dense_alone():
     assert errors[1] < errors[0]
     out = pasa.sparse_attention(q, k, v, grid=grid, config=DENSE.replace(approximate=True))
     assert torch.allclose(out, dense, atol=1e-5)
+
+
+def test_tiled_inputs_and_returned_plan_match_the_plain_call():
+    grid, text = (3, 20, 24), 11  # ragged tiles, text tokens
+    q, k, v = qkv(grid, text, batch=2)
+    config = pasa.PASAConfig(density=0.2, temperature=0.5)
+    out, lse, plan = pasa.sparse_attention(
+        q, k, v, grid=grid, config=config, num_text_tokens=text, return_lse=True, return_plan=True
+    )
+    expected = pasa.plan_blocks(q, k, grid=grid, config=config, num_text_tokens=text)
+    assert torch.equal(plan.kv_indices, expected.kv_indices)
+    layout = plan.layout
+    qt, kt, vt = (layout.to_blocks(t) for t in (q, k, v))
+    tiled_plan = pasa.plan_blocks(qt, kt, grid=grid, config=config, num_text_tokens=text, tiled=True)
+    assert torch.equal(tiled_plan.kv_indices, plan.kv_indices)
+    out_t, lse_t = pasa.sparse_attention(
+        qt, kt, vt, grid=grid, config=config, num_text_tokens=text, return_lse=True, tiled=True
+    )
+    assert torch.allclose(layout.from_blocks(out_t), out, atol=1e-6)
+    assert torch.allclose(layout.from_blocks(lse_t, dim=2), lse, atol=1e-6)

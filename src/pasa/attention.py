@@ -7,7 +7,7 @@ import torch
 from pasa.approximate import add_approximate_branch
 from pasa.backends.registry import get_backend
 from pasa.config import PASAConfig
-from pasa.estimate import block_mass
+from pasa.estimate import block_mass_from_means, group_pool
 from pasa.layout import Grid, TokenLayout, make_layout
 from pasa.plan import BlockPlan
 from pasa.route import select_blocks
@@ -87,64 +87,70 @@ def plan_blocks(
     num_text_tokens: int = 0,
     density: float | None = None,
     head_offset: int = 0,
+    tiled: bool = False,
 ) -> BlockPlan:
     """Estimate block importance and route: the plan ``sparse_attention`` would compute.
 
     Args:
-        q, k: ``(B, S, H, D)``, video tokens frame-major then ``num_text_tokens`` text tokens.
+        q, k: ``(B, S, H, D)``, video tokens frame-major then ``num_text_tokens`` text tokens
+            (already in the tiled order of ``pasa.make_layout`` when ``tiled``).
         density: overrides ``config.density`` for this call (the per-step budget).
         head_offset: global index of local head 0 (context parallelism).
     Returns:
         :class:`BlockPlan` with ``kv_indices (B, H, Nq, Kmax)`` in the tiled block order.
     """
     layout = layout_for(q, grid=grid, config=config, num_text_tokens=num_text_tokens)
+    want = _resolve_density(config, density)
     fast = _fast_path(q, config)
-    want = config.density if density is None else density
-    if fast is not None and want < 1.0:
+    if want >= 1.0:
+        return _full_plan(layout, q, fast)
+    if tiled:
+        qg, _ = group_pool(q, config.group_size)
+        kg, _ = group_pool(k, config.group_size)
+    elif fast is not None:
         _, qg = fast.gather_tokens(q, layout.perm, pool_group=config.group_size)
         _, kg = fast.gather_tokens(k, layout.perm, pool_group=config.group_size)
-        return fast.plan_from_means(
-            qg,
-            kg,
-            layout=layout,
-            config=config,
-            density=want,
-            step=step,
-            layer=layer,
-            head_offset=head_offset,
-        )
-    return _plan_tiled(
-        layout.to_blocks(q), layout.to_blocks(k), layout, config, step, layer, density, head_offset
-    )
+    else:
+        qg, _ = group_pool(layout.to_blocks(q), config.group_size)
+        kg, _ = group_pool(layout.to_blocks(k), config.group_size)
+    return _plan_from_means(qg, kg, layout, config, want, step, layer, head_offset, fast)
 
 
-def _plan_tiled(
-    qt: torch.Tensor,
-    kt: torch.Tensor,
-    layout: TokenLayout,
-    config: PASAConfig,
-    step: int,
-    layer: int,
-    density: float | None,
-    head_offset: int,
-) -> BlockPlan:
-    density = config.density if density is None else density
+def _resolve_density(config: PASAConfig, density: float | None) -> float:
+    density = config.density if density is None else float(density)
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density={density!r} is invalid: allowed a number in (0, 1]")
-    if density >= 1.0:  # dense: no estimate needed
-        n = layout.num_blocks
-        mass = qt.new_ones((qt.shape[0], qt.shape[2], n, n), dtype=torch.float32)
-    else:
-        mass = block_mass(qt, kt, block_size=config.block_size, group_size=config.group_size)
-    return select_blocks(
-        mass,
-        layout=layout,
-        config=config,
-        density=density,
-        step=step,
-        layer=layer,
-        head_offset=head_offset,
+    return density
+
+
+def _full_plan(layout: TokenLayout, q: torch.Tensor, fast) -> BlockPlan:
+    """Every block: no estimate, no routing."""
+    if fast is not None:
+        return fast.full_plan(layout, q.shape[0], q.shape[2], q.device)
+    return BlockPlan.full(layout, q.shape[0], q.shape[2], q.device)
+
+
+def _plan_from_means(
+    qg: torch.Tensor,
+    kg: torch.Tensor,
+    layout: TokenLayout,
+    config: PASAConfig,
+    density: float,
+    step: int,
+    layer: int,
+    head_offset: int,
+    fast,
+) -> BlockPlan:
+    """Estimate + routing from ``(B, H, NG, D)`` fp32 group means (fused kernels on CUDA)."""
+    where = dict(config=config, density=density, step=step, layer=layer, head_offset=head_offset)
+    if fast is not None:
+        return fast.plan_from_means(qg, kg, layout=layout, **where)
+    counts = torch.full((qg.shape[2],), float(config.group_size), device=qg.device)
+    counts[-1] = layout.seq_len - (qg.shape[2] - 1) * config.group_size
+    mass = block_mass_from_means(
+        qg, kg, counts, block_size=config.block_size, group_size=config.group_size
     )
+    return select_blocks(mass, layout=layout, **where)
 
 
 def _fast_path(q: torch.Tensor, config: PASAConfig):
@@ -170,7 +176,9 @@ def sparse_attention(
     plan: BlockPlan | None = None,
     density: float | None = None,
     head_offset: int = 0,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    tiled: bool = False,
+    return_plan: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """PASA block-sparse self-attention.
 
     Args:
@@ -183,10 +191,15 @@ def sparse_attention(
         return_lse: also return the log-sum-exp ``(B, H, S)`` fp32, natural log.
         plan: a precomputed :class:`BlockPlan` (from :func:`plan_blocks`); skips estimate and
             routing.
-        density: overrides ``config.density`` for this call; >= 1 computes every block.
+        density: overrides ``config.density`` for this call; 1 computes every block.
         head_offset: global index of local head 0 (context parallelism).
+        tiled: q, k, v are already in the tiled order of ``pasa.make_layout(grid, ...)`` and the
+            output (and LSE) stay in it: for callers that keep that order across many layers,
+            so the re-ordering is paid once, not per call.
+        return_plan: also return the :class:`BlockPlan` that was computed (last element).
     Returns:
-        ``(B, S, H, D)`` in the input dtype, and the LSE when ``return_lse``.
+        ``(B, S, H, D)`` in the input dtype; then the LSE when ``return_lse``; then the plan
+        when ``return_plan``.
 
     Example:
         >>> import torch, pasa
@@ -196,6 +209,10 @@ def sparse_attention(
         torch.Size([1, 1024, 2, 64])
     """
     if torch.compiler.is_compiling():  # one opaque op: fullgraph-safe (pasa/backends/custom_ops.py)
+        if tiled or return_plan:
+            raise ValueError(
+                "tiled=True and return_plan=True are not supported under torch.compile"
+            )
         from pasa.backends.custom_ops import config_args, sparse_attention_op
 
         out, lse = sparse_attention_op(
@@ -216,30 +233,28 @@ def sparse_attention(
     validate_qkv(
         q, k, v, grid=grid, num_text_tokens=num_text_tokens, check_finite=config.check_finite
     )
+    want = _resolve_density(config, density)
     backend = get_backend(config.backend, q.device)
     layout = layout_for(q, grid=grid, config=config, num_text_tokens=num_text_tokens)
     fast = _fast_path(q, config)
-    if fast is not None:  # CUDA: Triton gather (+ group means), fused estimate, GPU routing
-        want = config.density if density is None else density
-        pool = config.group_size if plan is None and want < 1.0 else None
-        qt, kt, vt, qg, kg = fast.to_tiled(q, k, v, layout, pool)  # (B, S, H, D) tiled
-        if plan is None and pool is None:
-            plan = fast.full_plan(layout, q.shape[0], q.shape[2], q.device)
-        elif plan is None:
-            plan = fast.plan_from_means(
-                qg,
-                kg,
-                layout=layout,
-                config=config,
-                density=want,
-                step=step,
-                layer=layer,
-                head_offset=head_offset,
-            )
+    pool = config.group_size if plan is None and want < 1.0 else None
+    # q, k, v in tiled order (B, S, H, D), and the group means the estimate reads.
+    qg = kg = None
+    if tiled:
+        qt, kt, vt = q, k, v
+    elif fast is not None:  # one Triton gather per tensor, group means taken on the way
+        qt, kt, vt, qg, kg = fast.to_tiled(q, k, v, layout, pool)
     else:
-        qt, kt, vt = layout.to_blocks(q), layout.to_blocks(k), layout.to_blocks(v)  # (B, S, H, D)
+        qt, kt, vt = layout.to_blocks(q), layout.to_blocks(k), layout.to_blocks(v)
+    if pool is not None and qg is None:
+        qg, _ = group_pool(qt, pool)
+        kg, _ = group_pool(kt, pool)
     if plan is None:
-        plan = _plan_tiled(qt, kt, layout, config, step, layer, density, head_offset)
+        plan = (
+            _full_plan(layout, q, fast)
+            if pool is None
+            else _plan_from_means(qg, kg, layout, config, want, step, layer, head_offset, fast)
+        )
     elif plan.layout.num_blocks != layout.num_blocks or plan.kv_counts.shape != (
         q.shape[0],
         q.shape[2],
@@ -252,10 +267,12 @@ def sparse_attention(
     out, lse = backend.fn(qt, kt, vt, plan)
     if config.approximate:
         out, lse = add_approximate_branch(qt, kt, vt, plan, out, lse, group_size=config.group_size)
-    if fast is not None:
-        out = fast.from_tiled(out.to(q.dtype), layout)
-    else:
-        out = layout.from_blocks(out.to(q.dtype))
-    if return_lse:
-        return out, layout.from_blocks(lse, dim=2)
-    return out
+    out = out.to(q.dtype)
+    if not tiled:
+        out = fast.from_tiled(out, layout) if fast is not None else layout.from_blocks(out)
+        if return_lse:
+            lse = layout.from_blocks(lse, dim=2)
+    result = (out, lse) if return_lse else (out,)
+    if return_plan:
+        result = (*result, plan)
+    return result if len(result) > 1 else out

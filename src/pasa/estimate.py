@@ -23,22 +23,26 @@ _CHUNK_ELEMENTS = 16 * 1024 * 1024
 def group_pool(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean of each group of ``group_size`` consecutive tokens.
 
+    Reads ``x`` once in its own layout (no fp32 copy of the whole tensor).
+
     Args:
         x: ``(B, S, H, D)`` in tiled order.
     Returns:
         means ``(B, H, NG, D)`` fp32 with ``NG = ceil(S / group_size)``, and
         counts ``(NG,)`` fp32 (the last group may be short).
     """
-    batch, seq, heads, dim = x.shape
-    num_groups = -(-seq // group_size)
-    pad = num_groups * group_size - seq
-    xf = x.float().transpose(1, 2)  # (B, H, S, D)
-    if pad:
-        xf = torch.nn.functional.pad(xf, (0, 0, 0, pad))
-    sums = xf.view(batch, heads, num_groups, group_size, dim).sum(dim=3)  # (B, H, NG, D)
-    counts = torch.full((num_groups,), float(group_size), device=x.device)
-    counts[-1] = group_size - pad
-    return sums / counts.view(1, 1, -1, 1), counts
+    seq = x.shape[1]
+    full = seq // group_size
+    parts = []
+    if full:
+        head = x[:, : full * group_size].unflatten(1, (full, group_size))  # (B, NGf, g, H, D)
+        parts.append(head.sum(2, dtype=torch.float32))  # (B, NGf, H, D)
+    if seq > full * group_size:
+        parts.append(x[:, full * group_size :].sum(1, keepdim=True, dtype=torch.float32))
+    sums = torch.cat(parts, 1) if len(parts) > 1 else parts[0]  # (B, NG, H, D)
+    counts = torch.full((sums.shape[1],), float(group_size), device=x.device)
+    counts[-1] = seq - (sums.shape[1] - 1) * group_size
+    return (sums / counts.view(1, -1, 1, 1)).transpose(1, 2).contiguous(), counts
 
 
 def block_mass(
@@ -56,17 +60,37 @@ def block_mass(
     Returns:
         ``(B, H, N, N)`` fp32 with ``N = ceil(S / block_size)``; each entry in [0, 1].
     """
-    batch, seq, heads, dim = q.shape
+    qg, _ = group_pool(q, group_size)
+    kg, counts = group_pool(k, group_size)
+    return block_mass_from_means(
+        qg, kg, counts, block_size=block_size, group_size=group_size, scale=scale
+    )
+
+
+def block_mass_from_means(
+    qg: torch.Tensor,
+    kg: torch.Tensor,
+    counts: torch.Tensor,
+    *,
+    block_size: int,
+    group_size: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """:func:`block_mass` from group means.
+
+    Args:
+        qg, kg: ``(B, H, NG, D)`` fp32 group means; counts ``(NG,)`` tokens per group.
+    Returns:
+        ``(B, H, N, N)`` fp32.
+    """
+    batch, heads, num_groups, dim = qg.shape
     scale = dim**-0.5 if scale is None else scale
     per_block = block_size // group_size
-    num_blocks = -(-seq // block_size)
-    qg, _ = group_pool(q, group_size)  # (B, H, NG, D)
-    kg, counts = group_pool(k, group_size)  # (B, H, NG, D), (NG,)
-    num_groups = kg.shape[2]
+    num_blocks = -(-num_groups // per_block)
     key_bias = counts.log()  # (NG,)
     # Key groups padded to whole blocks so that a block sum is a reshape; padding gets p = 0.
     key_pad = num_blocks * per_block - num_groups
-    out = q.new_empty((batch, heads, num_blocks, num_blocks), dtype=torch.float32)
+    out = qg.new_empty((batch, heads, num_blocks, num_blocks))
     rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, batch * heads * num_groups * per_block))
     for i0 in range(0, num_blocks, rows_per_chunk):
         i1 = min(num_blocks, i0 + rows_per_chunk)

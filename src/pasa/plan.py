@@ -59,6 +59,16 @@ class BlockPlan:
         return BlockPlan(self.kv_indices[..., :kmax].contiguous(), self.kv_counts, self.layout)
 
     @classmethod
+    def full(
+        cls, layout: TokenLayout, batch: int, heads: int, device: torch.device | str
+    ) -> BlockPlan:
+        """Every key block for every row (dense attention)."""
+        n = layout.num_blocks
+        indices = torch.arange(n, dtype=torch.int32, device=device).expand(batch, heads, n, n)
+        counts = torch.full((batch, heads, n), n, dtype=torch.int32, device=device)
+        return cls(indices.contiguous(), counts, layout)
+
+    @classmethod
     def from_dense_mask(cls, mask: torch.Tensor, layout: TokenLayout) -> BlockPlan:
         """Plan from a ``(B, H, Nq, Nk)`` bool mask; every row must select at least one block."""
         if mask.dim() != 4 or mask.shape[-1] != layout.num_blocks:
