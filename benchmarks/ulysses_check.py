@@ -200,7 +200,7 @@ def main() -> int:
         print(f"stock err {stock_err:.3g}  PASA err {pasa_err:.3g}  tolerance {tolerance:.3g}")
         print(f"plan agreement {result['plan_agreement_with_one_gpu']:.4f}  checks {checks}")
         print(f"{'PASSED' if ok else 'FAILED'}; wrote {path}")
-    flag = torch.tensor([int(ok)])
+    flag = torch.tensor([int(ok)], device=device)  # NCCL broadcasts CUDA tensors only
     dist.broadcast(flag, src=0)
     dist.destroy_process_group()
     return 0 if bool(flag.item()) else 1

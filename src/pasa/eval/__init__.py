@@ -4,6 +4,8 @@
   PSNR variance, plan Jaccard, attention recall.
 - :mod:`pasa.eval.strategies`: dense, peers reimplemented for ablation, PASA and its ablations.
 - :mod:`pasa.eval.probe`: per-layer attention concentration of a ``WanTransformer3DModel``.
+- :mod:`pasa.eval.generate`: one testbed generation under one strategy (demo and suite).
+- :mod:`pasa.eval.suite` / :mod:`pasa.eval.report`: ``pasa eval``, its table, plots and page.
 """
 
 from pasa.eval.metrics import (

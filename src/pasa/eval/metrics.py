@@ -50,11 +50,11 @@ def frame_psnr_variance(clip: torch.Tensor, reference: torch.Tensor) -> float:
     return float(frame_psnr(clip, reference).var(unbiased=False))
 
 
-def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
+def _gaussian(size: int, sigma: float) -> torch.Tensor:
+    """``(size,)`` normalised 1D Gaussian; the 2D SSIM window is its outer product."""
     x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     g = torch.exp(-(x * x) / (2 * sigma * sigma))
-    g = g / g.sum()
-    return g[:, None] * g[None, :]  # (size, size)
+    return g / g.sum()
 
 
 def ssim(
@@ -66,10 +66,12 @@ def ssim(
     if x.shape != y.shape:
         raise ValueError(f"clips differ in shape: {tuple(clip.shape)} vs {tuple(reference.shape)}")
     window = min(window, x.shape[-1], x.shape[-2])
-    kernel = _gaussian_window(window, sigma).to(x).expand(3, 1, window, window)
+    g = _gaussian(window, sigma).to(x)
+    rows = g.view(1, 1, 1, window).expand(3, 1, 1, window)
+    cols = g.view(1, 1, window, 1).expand(3, 1, window, 1)
 
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(t, kernel, groups=3)
+    def blur(t: torch.Tensor) -> torch.Tensor:  # separable: rows then columns, valid positions
+        return F.conv2d(F.conv2d(t, rows, groups=3), cols, groups=3)
 
     c1, c2 = 0.01**2, 0.03**2
     mx, my = blur(x), blur(y)

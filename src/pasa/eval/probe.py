@@ -17,17 +17,8 @@ import torch
 
 from pasa.analysis import true_block_mass
 from pasa.eval.metrics import oracle_recall
+from pasa.integrations.diffusers.processors import wan_rotary
 from pasa.layout import make_layout
-
-
-def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Wan's rotary embedding on interleaved pairs (as ``WanAttnProcessor``), ``x (B, S, H, D)``."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    c, s = cos[..., 0::2], sin[..., 1::2]
-    out = torch.empty_like(x)
-    out[..., 0::2] = x1 * c - x2 * s
-    out[..., 1::2] = x1 * s + x2 * c
-    return out.type_as(x)
 
 
 class _CaptureProcessor:
@@ -42,7 +33,7 @@ class _CaptureProcessor:
         q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
         k = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
         if rotary_emb is not None:
-            q, k = _rotary(q, *rotary_emb), _rotary(k, *rotary_emb)
+            q, k = wan_rotary(q, *rotary_emb), wan_rotary(k, *rotary_emb)
         self.sink.append((q.detach(), k.detach()))
         return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
 

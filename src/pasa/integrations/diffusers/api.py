@@ -10,9 +10,10 @@ from typing import Any
 import torch
 from diffusers.hooks import HookRegistry
 
+from pasa.budget import StepBudget
 from pasa.config import PASAConfig
 from pasa.integrations.diffusers.families import family_of, supported_names
-from pasa.integrations.diffusers.hook import HOOK_NAME, PASAHook, RunState
+from pasa.integrations.diffusers.hook import HOOK_NAME, PASAHook, PlanProvider, RunState
 from pasa.integrations.diffusers.processors import PROCESSORS
 from pasa.integrations.diffusers.report import GenerationReport
 
@@ -65,7 +66,13 @@ def _inside_accelerate_hook(module: torch.nn.Module) -> Iterator[None]:
         module.forward = outer
 
 
-def apply(pipe_or_transformer: Any, config: PASAConfig | None = None) -> RunState:
+def apply(
+    pipe_or_transformer: Any,
+    config: PASAConfig | None = None,
+    *,
+    budget: StepBudget | None = None,
+    plan_provider: PlanProvider | None = None,
+) -> RunState:
     """Turn PASA on for the video self-attention of every transformer block.
 
     Cross-attention is untouched; joint text+video attention (HunyuanVideo, CogVideoX) keeps its
@@ -78,12 +85,21 @@ def apply(pipe_or_transformer: Any, config: PASAConfig | None = None) -> RunStat
             ``HunyuanVideoTransformer3DModel``, ``CogVideoXTransformer3DModel``,
             ``LTXVideoTransformer3DModel``.
         config: :class:`~pasa.PASAConfig`; ``PASAConfig()`` when None.
+        budget: a :class:`~pasa.budget.StepBudget` giving each step's density instead of
+            ``pasa.budget.make_budget(config, num_steps)`` (e.g. a schedule fixed in advance,
+            ``pasa.eval.ScheduleBudget``); reset at the start of every generation, and it must
+            plan as many steps as the generation runs (ValueError otherwise).
+        plan_provider: ``(layout, step, layer, q, k) -> BlockPlan | None`` called by every
+            sparse attention call (``q, k (B, S, H, D)``, ``layout`` the call's
+            :class:`~pasa.layout.TokenLayout`); a plan it returns is computed instead of PASA's
+            estimate and routing, None falls back to them. Dense steps never call it.
 
     Returns:
         The run state shared by the hooks (its ``last_report`` is ``pasa.last_report``'s).
 
     Raises:
-        TypeError: an unsupported model, listing the supported transformer classes.
+        TypeError: an unsupported model, listing the supported transformer classes, or a
+            ``budget`` that is not a ``StepBudget``.
 
     Example:
         >>> import torch, pasa
@@ -103,8 +119,13 @@ def apply(pipe_or_transformer: Any, config: PASAConfig | None = None) -> RunStat
     """
     config = PASAConfig() if config is None else config
     models = _denoisers(pipe_or_transformer)
+    state = RunState(
+        config,
+        scheduler=getattr(pipe_or_transformer, "scheduler", None),
+        budget=budget,
+        plan_provider=plan_provider,
+    )
     remove(pipe_or_transformer)
-    state = RunState(config, scheduler=getattr(pipe_or_transformer, "scheduler", None))
     for model in models:
         family = family_of(model)
         processor_cls = PROCESSORS[family.name]

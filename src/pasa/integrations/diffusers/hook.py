@@ -30,11 +30,17 @@ from pasa.budget import CurvatureTracker, StepBudget, make_budget
 from pasa.config import PASAConfig
 from pasa.integrations.diffusers.families import Family, Grid, bind_inputs
 from pasa.integrations.diffusers.report import GenerationReport, StepReport, attention_flops
+from pasa.layout import TokenLayout
+from pasa.plan import BlockPlan
 
 logger = logging.getLogger("pasa.diffusers")
 
 HOOK_NAME = "pasa"
 _DEFAULT_TRAIN_TIMESTEPS = 1000
+
+# (layout, step, layer, q, k) -> a plan to compute instead of PASA's estimate and routing, or None.
+# q, k: (B, S, H_local, D), video tokens frame-major then text; layout: the call's tiled layout.
+PlanProvider = Callable[[TokenLayout, int, int, torch.Tensor, torch.Tensor], BlockPlan | None]
 
 
 def _first_tensor(output: Any) -> torch.Tensor | None:
@@ -55,11 +61,35 @@ class RunState:
         density: the budget's density for the step (>= 1 means dense / stock attention).
         grid: ``(F, H, W)`` video-token grid of the call, or None if the inputs do not say.
         text_valid: real text tokens per batch item (HunyuanVideo's padded prompt), or None.
+        plan_provider: ``(layout, step, layer, q, k) -> BlockPlan | None``; a plan it returns is
+            computed instead of PASA's estimate and routing (peers such as a static window).
+
+    Args:
+        config: the PASA configuration.
+        scheduler: the pipeline's scheduler (step count and sigmas), or None.
+        budget: a :class:`~pasa.budget.StepBudget` used instead of ``make_budget(config, n)``;
+            it is ``reset()`` at the start of every generation and must plan as many steps as
+            the generation runs.
+        plan_provider: see the attribute.
     """
 
-    def __init__(self, config: PASAConfig, scheduler: Any = None) -> None:
+    def __init__(
+        self,
+        config: PASAConfig,
+        scheduler: Any = None,
+        *,
+        budget: StepBudget | None = None,
+        plan_provider: PlanProvider | None = None,
+    ) -> None:
+        if budget is not None and not isinstance(budget, StepBudget):
+            raise TypeError(
+                f"budget must satisfy pasa.budget.StepBudget (density, observe, reset, "
+                f"realised_densities), got {type(budget).__name__}"
+            )
         self.config = config
         self.scheduler = scheduler
+        self.budget = budget
+        self.plan_provider = plan_provider
         self.last_report: GenerationReport | None = None
         self.on_plan: Callable[..., None] | None = None  # (step, layer, head_offset, plan)
         self._warned: set[str] = set()
@@ -191,6 +221,8 @@ class RunState:
     ) -> None:
         self._close_step()
         self.step += 1
+        if self._budget is None and self.budget is not None:
+            self._budget = self._given_budget(self._num_steps(context))
         if self._budget is None:
             num_steps = self._num_steps(context)
             if num_steps is None and self.config.budget != "fixed":
@@ -228,6 +260,17 @@ class RunState:
                 computed_flops=0.0,
             )
         )
+
+    def _given_budget(self, num_steps: int | None) -> StepBudget:
+        """The budget passed to ``apply``, reset for a new generation and checked for length."""
+        planned = getattr(self.budget, "num_steps", None)
+        if num_steps is not None and planned is not None and planned != num_steps:
+            raise ValueError(
+                f"the budget passed to pasa.apply plans {planned} steps, but this generation "
+                f"runs {num_steps}; build the budget for {num_steps} steps"
+            )
+        self.budget.reset()
+        return self.budget
 
     def _close_step(self) -> None:
         if not self._steps:

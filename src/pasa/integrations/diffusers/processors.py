@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_dispatch import _templated_context_parallel_attention
 
-from pasa.attention import plan_blocks, sparse_attention
+from pasa.attention import layout_for, sparse_attention
 from pasa.integrations.diffusers.hook import RunState
 
 _eager = torch.compiler.disable  # one graph break per attention: step, layer, density stay Python
@@ -189,18 +189,23 @@ class PASAProcessor:
             density=state.density,
             head_offset=head_offset,
         )
-        plan = plan_blocks(q, k, **where)
+        plan = None
+        if state.plan_provider is not None:  # a peer's plan (static window, ...) instead of ours
+            layout = layout_for(q, grid=state.grid, config=state.config, num_text_tokens=num_text)
+            plan = state.plan_provider(layout, state.step, self.layer, q, k)
+        # One call: tokens are re-ordered once, and the plan comes back for the report.
+        out, plan = sparse_attention(q, k, v, plan=plan, return_plan=True, **where)
         state.record_plan(plan.kv_counts.sum(), plan.kv_counts.numel() * plan.num_kv_blocks)
         if state.on_plan is not None:
             state.on_plan(state.step, self.layer, head_offset, plan)
-        return sparse_attention(q, k, v, plan=plan, **where)
+        return out
 
 
 def _no_backward(*args: Any, **kwargs: Any) -> None:
     raise NotImplementedError("PASA attention is inference-only (no backward pass)")
 
 
-def _wan_rotary(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+def wan_rotary(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
     """Wan's rotary embedding, as in ``WanAttnProcessor`` (which defines it inline)."""
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
     cos = freqs_cos[..., 0::2]
@@ -236,8 +241,8 @@ class WanPASAProcessor(PASAProcessor):
         key = key.unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
         if rotary_emb is not None:
-            query = _wan_rotary(query, *rotary_emb)
-            key = _wan_rotary(key, *rotary_emb)
+            query = wan_rotary(query, *rotary_emb)
+            key = wan_rotary(key, *rotary_emb)
 
         hidden_states = self.attend(query, key, value)
         hidden_states = hidden_states.flatten(2, 3).type_as(query)  # (B, S, H * D)

@@ -1,0 +1,119 @@
+"""``pasa eval`` on a tiny random testbed checkpoint: one caption x one seed x one density.
+
+Sizes: the tiny model (2 layers, 2 heads) on 8 frames of 64 x 64 pixels, an 8 x 16 x 16 token
+grid = 16 PASA blocks of 128 tokens; five Euler steps, so the Sparse-VideoGen-style warm-up is
+one dense step and the rest can meet mean density 0.25.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from pasa.eval.generate import JaccardMeter, strategy_hooks
+from pasa.eval.strategies import STRATEGIES
+from pasa.eval.suite import main, run_suite
+from pasa.layout import make_layout
+from pasa.testbed.model import TINY, build_model, save_testbed
+
+STRATEGY_NAMES = ["pasa", "static_window", "sparse_videogen"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    return save_testbed(build_model(TINY), TINY, path, training={"steps": 0})
+
+
+def test_suite_writes_results(checkpoint, tmp_path):
+    md = tmp_path / "docs" / "results.md"
+    result = run_suite(
+        checkpoint, captions=1, seeds=[0], densities=[0.25], strategies=STRATEGY_NAMES,
+        steps=5, size=64, frames=8, out_dir=tmp_path / "out", results_md=md, device="cpu",
+        progress=False,
+    )  # fmt: skip
+    data = json.loads(result.files["results"].read_text())
+    assert [r["strategy"] for r in data["runs"]] == STRATEGY_NAMES
+    assert len(data["dense"]) == 1 and data["dense"][0]["seed"] == 0
+    for row in data["runs"]:
+        m = row["metrics"]
+        assert m["psnr"] > 0 and -1 <= m["ssim"] <= 1
+        assert 0 < m["mean_density"] < 1 and len(m["step_densities"]) == 5
+        assert m["plan_jaccard"] is not None and 0 <= m["plan_jaccard"] <= 1
+    by_name = {r["strategy"]: r["metrics"] for r in data["runs"]}
+    assert by_name["static_window"]["plan_jaccard"] == 1.0  # the same plan at every step
+    assert by_name["sparse_videogen"]["step_densities"][0] == 1.0  # the dense warm-up
+    assert [s["strategy"] for s in data["summary"]] == STRATEGY_NAMES
+    for key in ("table", "psnr_plot", "flicker_plot", "markdown"):
+        assert result.files[key].is_file()
+    page = md.read_text()
+    assert "PASA" in page and "(../out/psnr_vs_density.png)" in page
+    assert page.count("\n| ") >= 3 + len(STRATEGY_NAMES)
+
+
+def test_unreachable_density_is_skipped_and_runs_resume(checkpoint, tmp_path, capsys):
+    args = [
+        "--checkpoint", str(checkpoint), "--caption", "a red circle moves left.",
+        "--densities", "0.1", "--strategies", "sparse_videogen", "--steps", "5",
+        "--size", "64", "--frames", "8", "--out", str(tmp_path), "--device", "cpu",
+        "--no-progress",
+    ]  # fmt: skip
+    assert main([*args, "--seeds", "0"]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    (row,) = data["runs"]
+    assert "warm-up" in row["skipped"] and "metrics" not in row
+    assert "skipped" in (tmp_path / "results_table.md").read_text()
+    assert "skipped" in capsys.readouterr().out
+
+    data["dense"][0]["flicker"] = -1.0  # marks the kept pair
+    (tmp_path / "results.json").write_text(json.dumps(data))
+    assert main([*args, "--seeds", "0", "3", "--resume"]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert [(d["seed"], d["flicker"] == -1.0) for d in data["dense"]] == [(0, True), (3, False)]
+    assert [r["seed"] for r in data["runs"]] == [0, 3]
+    with pytest.raises(ValueError, match=r"cannot resume .* steps differ"):
+        run_suite(
+            checkpoint, captions=["a red circle moves left."], seeds=[0], densities=[0.1],
+            strategies=["sparse_videogen"], steps=6, size=64, frames=8, out_dir=tmp_path,
+            device="cpu", progress=False, resume=True,
+        )  # fmt: skip
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    assert main(["--checkpoint", str(tmp_path / "no.safetensors"), "--out", str(tmp_path)]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_strategy_hooks():
+    assert strategy_hooks(STRATEGIES["pasa"], 0.15, 20).budget is None
+    warm = strategy_hooks(STRATEGIES["sparse_videogen"], 0.25, 20)
+    assert warm.budget.num_steps == 20 and warm.config.temperature == 0.0
+    with pytest.raises(ValueError, match="warm-up"):
+        strategy_hooks(STRATEGIES["sparse_videogen"], 0.15, 20)
+    with pytest.raises(ValueError, match="dense"):
+        strategy_hooks(STRATEGIES["dense"], 0.15, 20)
+    window = strategy_hooks(STRATEGIES["static_window"], 0.25, 20).plan_provider
+    layout = make_layout((8, 16, 16))
+    q = torch.zeros(2, layout.seq_len, 3, 8)
+    plan = window(layout, 0, 0, q, q)
+    assert plan.kv_counts.shape == (2, 3, 16) and window(layout, 5, 1, q, q) is plan
+
+
+def test_jaccard_meter_compares_consecutive_sparse_steps():
+    from pasa.plan import BlockPlan
+
+    layout = make_layout((8, 16, 16))
+    eye = torch.eye(16, dtype=torch.bool).expand(1, 1, 16, 16)
+    a = BlockPlan.from_dense_mask(eye.contiguous(), layout)
+    b = BlockPlan.from_dense_mask((eye | eye.roll(1, -1)).contiguous(), layout)
+    meter = JaccardMeter()
+    meter(0, 0, 0, a)
+    meter(0, 0, 0, b)  # second call of step 0 (uncond under CFG): not a new step
+    meter(2, 0, 0, b)  # step 1 was dense
+    meter(3, 0, 0, b)
+    assert meter.values == [0.5, 1.0] and meter.mean == 0.75
