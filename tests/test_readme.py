@@ -1,4 +1,7 @@
-"""The README's usage example runs exactly as written."""
+"""The README's usage example runs exactly as written.
+
+Blocks fenced ```python run here; ```py blocks need a real pipeline and are illustrations.
+"""
 
 import pathlib
 import re
