@@ -103,7 +103,7 @@ def plan_blocks(
     want = _resolve_density(config, density)
     fast = _fast_path(q, config)
     if want >= 1.0:
-        return _full_plan(layout, q, fast)
+        return BlockPlan.full(layout, q.shape[0], q.shape[2], q.device)
     if tiled:
         qg, _ = group_pool(q, config.group_size)
         kg, _ = group_pool(k, config.group_size)
@@ -121,13 +121,6 @@ def _resolve_density(config: PASAConfig, density: float | None) -> float:
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density={density!r} is invalid: allowed a number in (0, 1]")
     return density
-
-
-def _full_plan(layout: TokenLayout, q: torch.Tensor, fast) -> BlockPlan:
-    """Every block: no estimate, no routing."""
-    if fast is not None:
-        return fast.full_plan(layout, q.shape[0], q.shape[2], q.device)
-    return BlockPlan.full(layout, q.shape[0], q.shape[2], q.device)
 
 
 def _plan_from_means(
@@ -251,7 +244,7 @@ def sparse_attention(
         kg, _ = group_pool(kt, pool)
     if plan is None:
         plan = (
-            _full_plan(layout, q, fast)
+            BlockPlan.full(layout, q.shape[0], q.shape[2], q.device)
             if pool is None
             else _plan_from_means(qg, kg, layout, config, want, step, layer, head_offset, fast)
         )

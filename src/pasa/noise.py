@@ -34,8 +34,20 @@ def _spread(x: torch.Tensor | int) -> torch.Tensor | int:
     return ((x + 1) * GOLDEN) & MASK32
 
 
-def _mix_scalar(h: int, value: int) -> int:
-    return int(mix32(torch.tensor(h ^ _spread(value), dtype=torch.int64)))
+def mix32_int(x: int) -> int:
+    """:func:`mix32` on one Python int."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & MASK32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & MASK32
+    return x ^ (x >> 16)
+
+
+def noise_key(seed: int, step: int, layer: int) -> int:
+    """The uint32 hash of ``(seed, step, layer)``; head and block indices are chained onto it."""
+    h = mix32_int((SEED_SALT ^ seed) & MASK32)
+    h = mix32_int(h ^ _spread(step))
+    return mix32_int(h ^ _spread(layer))
 
 
 def routing_gumbel(
@@ -53,9 +65,7 @@ def routing_gumbel(
     Args:
         heads: ``(H,)`` int64 global head indices (rank offset included under context parallelism).
     """
-    h = int(mix32(torch.tensor((SEED_SALT ^ seed) & MASK32, dtype=torch.int64)))
-    h = _mix_scalar(h, step)
-    h = _mix_scalar(h, layer)
+    h = noise_key(seed, step, layer)
     heads = heads.to(device=device, dtype=torch.int64)
     qb = torch.arange(num_q_blocks, device=device, dtype=torch.int64)
     kb = torch.arange(num_k_blocks, device=device, dtype=torch.int64)
