@@ -126,3 +126,24 @@ def test_static_window_through_the_provider(model):
     expected = window_plan(layout, CONFIG.density).density()
     assert 0.0 < expected < 1.0
     assert realised == pytest.approx([expected] * STEPS)
+
+
+def test_plan_provider_sees_frame_major_tokens(model):
+    """With the tokens in tiled order across the blocks, the provider still gets q, k in the
+    documented frame-major order: the same tensors as without the stream."""
+    seen: dict[bool, list[torch.Tensor]] = {True: [], False: []}
+
+    def record(layout, step, layer, q, k):
+        seen[state.tiled_stream].append(q)
+
+    state = apply(model, CONFIG, plan_provider=record)
+    try:
+        for tiled_stream in (True, False):
+            state.tiled_stream = tiled_stream
+            _clip(model)
+            assert last_report(model).tiled_stream == tiled_stream
+    finally:
+        remove(model)
+    assert len(seen[True]) == len(seen[False]) > 0
+    for streamed, per_call in zip(seen[True], seen[False], strict=True):
+        torch.testing.assert_close(streamed, per_call, rtol=0, atol=1e-6)

@@ -16,6 +16,7 @@ from pasa.integrations.diffusers.families import family_of, supported_names
 from pasa.integrations.diffusers.hook import HOOK_NAME, PASAHook, PlanProvider, RunState
 from pasa.integrations.diffusers.processors import PROCESSORS
 from pasa.integrations.diffusers.report import GenerationReport
+from pasa.integrations.diffusers.stream import install as install_stream
 
 _DENOISER_NAMES = ("transformer", "transformer_2")
 
@@ -26,6 +27,7 @@ class _Installed:
 
     state: RunState
     stock: dict[str, Any]  # attention module name -> its original processor
+    handles: list[Any]  # the tiled stream's torch hooks
 
 
 def _denoisers(pipe_or_transformer: Any) -> list[torch.nn.Module]:
@@ -77,8 +79,10 @@ def apply(
 
     Cross-attention is untouched; joint text+video attention (HunyuanVideo, CogVideoX) keeps its
     text tokens, always attended. On a pipeline every denoiser gets PASA (``transformer`` and, for
-    Wan 2.2, ``transformer_2``) with one shared budget and report. Calling ``apply`` again
-    replaces the earlier configuration. ``pasa.remove`` restores the stock model exactly.
+    Wan 2.2, ``transformer_2``) with one shared budget and report. The video tokens travel through
+    the block stack in PASA's tiled order (re-ordered once per transformer call, not per attention
+    call) wherever that is exact (``docs/diffusers.md``). Calling ``apply`` again replaces the
+    earlier configuration. ``pasa.remove`` restores the stock model exactly.
 
     Args:
         pipe_or_transformer: a diffusers pipeline, or one of ``WanTransformer3DModel``,
@@ -142,7 +146,7 @@ def apply(
             HookRegistry.check_if_exists_or_initialize(model).register_hook(
                 PASAHook(state, family), HOOK_NAME
             )
-        model._pasa = _Installed(state, stock)
+        model._pasa = _Installed(state, stock, install_stream(model, family, state))
     return state
 
 
@@ -155,6 +159,8 @@ def remove(pipe_or_transformer: Any) -> None:
         modules = dict(model.named_modules())
         for name, processor in installed.stock.items():
             modules[name].set_processor(processor)
+        for handle in installed.handles:
+            handle.remove()
         with _inside_accelerate_hook(model):
             HookRegistry.check_if_exists_or_initialize(model).remove_hook(HOOK_NAME, recurse=False)
         del model._pasa

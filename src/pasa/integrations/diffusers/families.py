@@ -6,10 +6,14 @@ A *family* is one diffusers transformer class. Everything PASA needs to know abo
 - ``grid``: the ``(F, H, W)`` video-token grid, derived on every call from the transformer's
   inputs and its patch size (so any resolution and frame count works);
 - ``text_tokens``: text tokens that share the self-attention (joint attention), and
-  ``text_valid``: how many of them are real per batch item (HunyuanVideo pads its prompt).
+  ``text_valid``: how many of them are real per batch item (HunyuanVideo pads its prompt);
+- ``stream``: where the video tokens enter and leave the block stack and which per-token side
+  inputs the blocks receive (rotary tables, per-token timestep modulation), so that the tokens
+  can stay in PASA's tiled order across all blocks (``stream.py``).
 
 The processors (``processors.py``) hold the per-family attention code; this module holds no
-tensors math beyond shape arithmetic.
+tensor math beyond shape arithmetic (the re-orderings it names run through
+``stream.TokenOrder``).
 """
 
 from __future__ import annotations
@@ -18,12 +22,40 @@ import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+if TYPE_CHECKING:
+    from pasa.integrations.diffusers.stream import TokenOrder
+
 Grid = tuple[int, int, int]
 Inputs = dict[str, Any]
+# (value, order) -> the value with its per-token axis in tiled order (None passes through).
+Reorder = Callable[[Any, "TokenOrder"], Any]
+
+
+@dataclass(frozen=True)
+class Stream:
+    """What keeps a family's video tokens in tiled order from the first block to the last.
+
+    Attributes:
+        blocks: ``model -> [block, ...]`` in the order the forward calls them; the first one's
+            ``hidden_states`` (first argument) is re-ordered on entry, the last one's output
+            (or its first element) back on exit.
+        side_outputs: submodule name -> how to re-order its output, for the per-token tensors
+            the forward computes once and hands to every block (rotary tables, per-token
+            timestep modulation); re-ordered at the source, once per call.
+        side_inputs: forward argument name -> how to re-order it (a rotary table the pipeline
+            passes in).
+        refuses: ``(model, inputs) -> reason`` when the blocks depend on token positions in a
+            way the stream cannot follow, else None.
+    """
+
+    blocks: Callable[[torch.nn.Module], list[torch.nn.Module]]
+    side_outputs: dict[str, Reorder]
+    side_inputs: dict[str, Reorder]
+    refuses: Callable[[torch.nn.Module, Inputs], str | None]
 
 
 @dataclass(frozen=True)
@@ -38,6 +70,7 @@ class Family:
         grid: ``(model, inputs) -> (F, H, W)`` or None when the call does not say.
         text_tokens: ``inputs -> T``, text tokens inside the self-attention (0 if none).
         text_valid: ``inputs -> [T_b, ...]`` real text tokens per batch item, or None (all real).
+        stream: how the tokens stay in tiled order across the blocks, or None (per-call order).
     """
 
     name: str
@@ -47,6 +80,7 @@ class Family:
     grid: Callable[[torch.nn.Module, Inputs], Grid | None]
     text_tokens: Callable[[Inputs], int]
     text_valid: Callable[[Inputs], list[int] | None]
+    stream: Stream | None = None
 
 
 def _blocks(model: torch.nn.Module, lists: tuple[str, ...], attr: str) -> Iterator[tuple[str, Any]]:
@@ -103,6 +137,49 @@ def _ltx_grid(model: torch.nn.Module, inputs: Inputs) -> Grid | None:
     return tuple(int(s) for s in sizes)  # type: ignore[return-value]
 
 
+def _rotary(dim: int) -> Reorder:
+    """A ``(cos, sin)`` pair whose token axis is ``dim``."""
+
+    def reorder(pair: Any, order: TokenOrder) -> Any:
+        if pair is None:
+            return None
+        return tuple(order.to_tiled(t, dim) for t in pair)
+
+    return reorder
+
+
+def _wan_condition(out: tuple, order: TokenOrder) -> tuple:
+    # (temb, timestep_proj, text, image); Wan 2.2 TI2V's timestep_proj is per token (B, S, 6C).
+    # temb (B, S, C) stays in frame-major order: it modulates the output after the last block.
+    temb, timestep_proj, *rest = out
+    if timestep_proj.ndim == 3:
+        timestep_proj = order.to_tiled(timestep_proj, 1)
+    return (temb, timestep_proj, *rest)
+
+
+def _ltx_time(out: tuple, order: TokenOrder) -> tuple:
+    # (temb (N, 6C), embedded_timestep (N, C)), N = B, or B * S for a per-token timestep (I2V).
+    # embedded_timestep stays frame-major: it modulates the output after the last block.
+    temb, embedded = out
+    if temb.shape[0] != order.batch:
+        temb = order.to_tiled(temb.unflatten(0, (order.batch, -1)), 1).flatten(0, 1)
+    return temb, embedded
+
+
+def _never(model: torch.nn.Module, inputs: Inputs) -> str | None:
+    return None
+
+
+def _hunyuan_refuses(model: torch.nn.Module, inputs: Inputs) -> str | None:
+    if model.config.image_condition_type == "token_replace":
+        return "HunyuanVideo token_replace modulates the first frame's tokens by their position"
+    return None
+
+
+def _block_lists(*names: str) -> Callable[[torch.nn.Module], list[torch.nn.Module]]:
+    return lambda m: [block for name in names for block in (getattr(m, name, None) or ())]
+
+
 @lru_cache(maxsize=1)
 def families() -> tuple[Family, ...]:
     """The supported families (imports diffusers on first use)."""
@@ -122,6 +199,12 @@ def families() -> tuple[Family, ...]:
             grid=_wan_grid,
             text_tokens=_no_text,
             text_valid=_all_valid,
+            stream=Stream(
+                blocks=_block_lists("blocks"),
+                side_outputs={"rope": _rotary(1), "condition_embedder": _wan_condition},
+                side_inputs={},
+                refuses=_never,
+            ),
         ),
         Family(
             name="hunyuan_video",
@@ -133,6 +216,12 @@ def families() -> tuple[Family, ...]:
             grid=_hunyuan_grid,
             text_tokens=_encoder_tokens,
             text_valid=_hunyuan_text_valid,
+            stream=Stream(
+                blocks=_block_lists("transformer_blocks", "single_transformer_blocks"),
+                side_outputs={"rope": _rotary(0)},
+                side_inputs={},
+                refuses=_hunyuan_refuses,
+            ),
         ),
         Family(
             name="cogvideox",
@@ -142,6 +231,12 @@ def families() -> tuple[Family, ...]:
             grid=_cogvideox_grid,
             text_tokens=_encoder_tokens,
             text_valid=_all_valid,
+            stream=Stream(
+                blocks=_block_lists("transformer_blocks"),
+                side_outputs={},
+                side_inputs={"image_rotary_emb": _rotary(0)},
+                refuses=_never,
+            ),
         ),
         Family(
             name="ltx_video",
@@ -151,6 +246,12 @@ def families() -> tuple[Family, ...]:
             grid=_ltx_grid,
             text_tokens=_no_text,
             text_valid=_all_valid,
+            stream=Stream(
+                blocks=_block_lists("transformer_blocks"),
+                side_outputs={"rope": _rotary(1), "time_embed": _ltx_time},
+                side_inputs={},
+                refuses=_never,
+            ),
         ),
     )
 
@@ -179,3 +280,15 @@ def bind_inputs(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> 
     """The transformer's forward arguments by name (positional ones included)."""
     bound = _signature(type(model)).bind_partial(None, *args, **kwargs)  # None stands for self
     return dict(bound.arguments)
+
+
+def replace_input(
+    model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], name: str, value: Any
+) -> tuple[tuple, dict[str, Any]]:
+    """``(args, kwargs)`` with the forward argument ``name`` set to ``value``, where it was passed."""
+    if name in kwargs:
+        return args, {**kwargs, name: value}
+    index = list(_signature(type(model)).parameters).index(name) - 1  # minus self
+    if index < len(args):
+        args = (*args[:index], value, *args[index + 1 :])
+    return args, kwargs

@@ -7,7 +7,8 @@ their PASA processors. A :class:`PASAHook` on each denoiser feeds it:
   context, else the timestep) differs from the previous call's opens a new step, so the cond and
   uncond calls of classifier-free guidance are one step; a key that goes backwards (timestep up,
   or step index down) means a new generation. It also derives the token grid and text lengths
-  from the call's inputs for the processors.
+  from the call's inputs for the processors, and whether the call's video tokens travel through
+  the blocks in tiled order (``stream.py``; then it re-orders the per-token forward arguments).
 - ``post_forward``: the first call of a step hands ``(sigma, x_t, model output)`` to the budget.
 - ``reset_state``: diffusers calls it at the end of every pipeline call
   (``maybe_free_model_hooks``); the run's report is finalised, logged and kept for
@@ -28,8 +29,9 @@ from diffusers.hooks.hooks import BaseState, StateManager
 
 from pasa.budget import CurvatureTracker, StepBudget, make_budget
 from pasa.config import PASAConfig
-from pasa.integrations.diffusers.families import Family, Grid, bind_inputs
+from pasa.integrations.diffusers.families import Family, Grid, bind_inputs, replace_input
 from pasa.integrations.diffusers.report import GenerationReport, StepReport, attention_flops
+from pasa.integrations.diffusers.stream import TokenOrder, order_for
 from pasa.layout import TokenLayout
 from pasa.plan import BlockPlan
 
@@ -39,7 +41,8 @@ HOOK_NAME = "pasa"
 _DEFAULT_TRAIN_TIMESTEPS = 1000
 
 # (layout, step, layer, q, k) -> a plan to compute instead of PASA's estimate and routing, or None.
-# q, k: (B, S, H_local, D), video tokens frame-major then text; layout: the call's tiled layout.
+# q, k: (B, S, H_local, D), video tokens frame-major then text (also when the tokens travel in
+# tiled order: they are handed over frame-major); layout: the call's tiled layout.
 PlanProvider = Callable[[TokenLayout, int, int, torch.Tensor, torch.Tensor], BlockPlan | None]
 
 
@@ -61,6 +64,8 @@ class RunState:
         density: the budget's density for the step (>= 1 means dense / stock attention).
         grid: ``(F, H, W)`` video-token grid of the call, or None if the inputs do not say.
         text_valid: real text tokens per batch item (HunyuanVideo's padded prompt), or None.
+        order: the call's tiled token order when its video tokens travel through the blocks in
+            it (the processors then attend with ``tiled=True``), else None.
         plan_provider: ``(layout, step, layer, q, k) -> BlockPlan | None``; a plan it returns is
             computed instead of PASA's estimate and routing (peers such as a static window).
 
@@ -71,6 +76,9 @@ class RunState:
             it is ``reset()`` at the start of every generation and must plan as many steps as
             the generation runs.
         plan_provider: see the attribute.
+
+    ``tiled_stream`` (default True) lets calls keep their tokens in tiled order across the
+    blocks where that is exact (``stream.py``); False re-orders per attention call (tests).
     """
 
     def __init__(
@@ -92,6 +100,7 @@ class RunState:
         self.plan_provider = plan_provider
         self.last_report: GenerationReport | None = None
         self.on_plan: Callable[..., None] | None = None  # (step, layer, head_offset, plan)
+        self.tiled_stream = True
         self._warned: set[str] = set()
         self.reset()
 
@@ -102,6 +111,7 @@ class RunState:
         self.density = 1.0
         self.grid: Grid | None = None
         self.text_valid: list[int] | None = None
+        self.order: TokenOrder | None = None
         self._key: float | None = None
         self._budget: StepBudget | None = None
         self._tracker: CurvatureTracker | None = None
@@ -144,11 +154,15 @@ class RunState:
         if self._first_grid is None:
             self._first_grid = self.grid
         self.text_valid = family.text_valid(inputs)
+        self.order = order_for(model, family, inputs, self.grid, self)
+        if self.order is not None:
+            self._steps[-1].tiled_stream = True
         self._add_flops(model, family, inputs)
         self.active = True
 
     def end_call(self, output: Any) -> None:
         self.active = False
+        self.order = None
         if self._observe_pending:
             self._observe_pending = False
             v_t = _first_tensor(output)
@@ -328,6 +342,12 @@ class PASAHook(ModelHook):
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any):
         inputs = bind_inputs(module, args, kwargs)
         self.state.begin_call(module, self.family, inputs, self.cache_context._context)
+        order = self.state.order
+        if order is not None:  # per-token forward arguments (CogVideoX's rotary tables)
+            for name, reorder in self.family.stream.side_inputs.items():
+                if inputs.get(name) is not None:
+                    value = reorder(inputs[name], order)
+                    args, kwargs = replace_input(module, args, kwargs, name, value)
         return args, kwargs
 
     def post_forward(self, module: torch.nn.Module, output: Any) -> Any:

@@ -6,6 +6,11 @@ call (so QK norms and rotary embeddings stay exactly as stock), hands ``q, k, v`
 and applies the stock output projection. A call the budget runs dense (density >= 1), or one PASA
 cannot serve, goes to the wrapped stock processor itself, so dense steps are the stock model.
 
+When the call's video tokens travel through the blocks in tiled order (``stream.py``,
+``RunState.order``), the processors receive them (and the rotary tables) in that order and
+attend with ``sparse_attention(..., tiled=True)``: no re-ordering per call. Their code is the
+same either way; text tokens still follow the video tokens.
+
 Context parallelism: ``attend`` runs inside diffusers' Ulysses all-to-all
 (``_templated_context_parallel_attention``), where each rank holds the full sequence and
 ``H / N`` heads; the global index of its first head is passed as ``head_offset`` so every rank
@@ -110,6 +115,8 @@ class PASAProcessor:
         """
         cp = self._context_parallel()
         if cp is not None and cp.ulysses_degree > 1:
+            if self.state.order is not None:  # stream.order_for never allows this
+                raise RuntimeError("PASA: tiled token stream under context parallelism")
             op = functools.partial(self._ulysses_op, num_text=num_text, text_valid=text_valid)
             return _templated_context_parallel_attention(
                 q,
@@ -189,12 +196,18 @@ class PASAProcessor:
             density=state.density,
             head_offset=head_offset,
         )
+        # The tokens arrive in tiled order when they travel through the blocks in it (stream.py),
+        # then the output stays in it; else one call re-orders them in and out.
+        tiled = state.order is not None
         plan = None
         if state.plan_provider is not None:  # a peer's plan (static window, ...) instead of ours
             layout = layout_for(q, grid=state.grid, config=state.config, num_text_tokens=num_text)
-            plan = state.plan_provider(layout, state.step, self.layer, q, k)
-        # One call: tokens are re-ordered once, and the plan comes back for the report.
-        out, plan = sparse_attention(q, k, v, plan=plan, return_plan=True, **where)
+            if tiled:  # the provider sees q, k frame-major, as documented
+                q_in, k_in = layout.from_blocks(q), layout.from_blocks(k)
+            else:
+                q_in, k_in = q, k
+            plan = state.plan_provider(layout, state.step, self.layer, q_in, k_in)
+        out, plan = sparse_attention(q, k, v, plan=plan, return_plan=True, tiled=tiled, **where)
         state.record_plan(plan.kv_counts.sum(), plan.kv_counts.numel() * plan.num_kv_blocks)
         if state.on_plan is not None:
             state.on_plan(state.step, self.layer, head_offset, plan)

@@ -31,6 +31,8 @@ class StepReport:
         calls: transformer calls in the step (2 with separate CFG passes).
         attention_flops: dense attention FLOPs of the step's PASA layers (all heads).
         computed_flops: ``attention_flops * realised_density`` (block-count estimate).
+        tiled_stream: the step's video tokens travelled through the blocks in PASA's tiled
+            order (re-ordered once per transformer call, not per attention call).
     """
 
     step: int
@@ -43,6 +45,7 @@ class StepReport:
     calls: int
     attention_flops: float
     computed_flops: float
+    tiled_stream: bool = False
 
 
 @dataclass
@@ -75,6 +78,11 @@ class GenerationReport:
         return [s.step for s in self.steps if s.dense]
 
     @property
+    def tiled_stream(self) -> bool:
+        """Every step kept its tokens in tiled order across the blocks."""
+        return bool(self.steps) and all(s.tiled_stream for s in self.steps)
+
+    @property
     def attention_flops(self) -> float:
         return sum(s.attention_flops for s in self.steps)
 
@@ -102,6 +110,7 @@ class GenerationReport:
             flops_saved=self.flops_saved,
             flops_saved_fraction=self.flops_saved_fraction,
             mean_density=self.mean_density,
+            tiled_stream=self.tiled_stream,
         )
         return data
 
@@ -118,6 +127,7 @@ class GenerationReport:
         lines.append(
             f"  mean density {self.mean_density:.3f}, attention TFLOP "
             f"{self.attention_flops / 1e12:.3f}, saved {self.flops_saved / 1e12:.3f} "
-            f"({100 * self.flops_saved_fraction:.1f}%)"
+            f"({100 * self.flops_saved_fraction:.1f}%), tiled token stream "
+            f"{'on' if self.tiled_stream else 'off'}"
         )
         return "\n".join(lines)
