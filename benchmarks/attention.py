@@ -32,8 +32,12 @@ from pathlib import Path
 import torch
 
 import pasa
-from pasa.kernels.pipeline import from_tiled, plan_from_means, to_tiled
+from pasa.estimate import block_mass_from_means, group_pool
+from pasa.kernels.estimate_triton import grouped_block_estimate, noise_key
+from pasa.kernels.pipeline import from_tiled, group_means, plan_from_means, to_tiled
+from pasa.kernels.route_triton import route_from_scores
 from pasa.layout import make_layout
+from pasa.route import _MASS_FLOOR
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,8 @@ SCENARIOS = {
     )
 }
 DENSITIES = (1.0, 0.5, 0.25, 0.1, 0.05)
+# --quick: the issue's bars (Wan2.1-14B 720p dense and at 0.1) and the two other models at 0.1.
+QUICK = {"wan14b-720p": (1.0, 0.1), "wan1.3b-480p": (0.1,), "hunyuan-720p": (0.1,)}
 
 
 def cuda_time_ms(fn, *, warmup: int, reps: int) -> float:
@@ -114,6 +120,76 @@ def _sdpa_dense_ms(q, k, v, *, warmup: int, reps: int) -> float:
         )
 
 
+def _estimate_route_parts(qt, kt, qg, kg, layout, config, density, time) -> dict:
+    """Estimate and routing times, by variant, and the estimate's error on these inputs.
+
+    ``estimate`` / ``route`` are what ``sparse_attention`` runs (defaults: tf32x3 single-pass
+    estimate, top-k select). ``*_err`` = max |mass - fp32 torch reference| / (1e-3 |ref| + 1e-7):
+    <= 1 is inside the test bound (random inputs give flat attention: a mild case).
+    ``plan_jaccard_tf32`` = selected blocks shared by the tf32 and the default plan / union.
+    """
+    seq = layout.seq_len
+    routing = {
+        "first_text_block": layout.first_text_block,
+        "noise_key": noise_key(config.seed, 7, 3),
+        "head_offset": 0,
+        "temperature": config.temperature,
+        "mass_floor": _MASS_FLOOR,
+    }
+    common = dict(seq_len=seq, block_size=config.block_size, group_size=config.group_size)
+    top_k = config.selection == "top_k"
+
+    def estimate(**opts):
+        return grouped_block_estimate(
+            qg, kg, routing=routing, need_share=not top_k, **common, **opts
+        )
+
+    out = {"estimate": time(estimate)}
+    variants = {
+        "estimate_two_pass": dict(single_pass=False),
+        "estimate_bf16x3": dict(precision="bf16x3"),
+        "estimate_tf32": dict(precision="tf32"),
+        "estimate_tf32_two_pass": dict(precision="tf32", single_pass=False),
+    }
+    for name, opts in variants.items():
+        out[name] = time(lambda opts=opts: estimate(**opts))
+    share, scores = estimate()
+    route = lambda cfg, share=share: route_from_scores(  # noqa: E731
+        share, scores, layout=layout, config=cfg, density=density
+    )
+    out["route"] = time(lambda: route(config))
+    share_p, scores_p = grouped_block_estimate(qg, kg, routing=routing, **common)
+    out["route_top_p"] = time(
+        lambda: route_from_scores(
+            share_p,
+            scores_p,
+            layout=layout,
+            config=config.replace(selection="top_p"),
+            density=density,
+        )
+    )
+    # Error of each precision against the fp32 torch reference (mass only, no routing).
+    counts = torch.full((qg.shape[2],), float(config.group_size), device=qg.device)
+    counts[-1] = seq - (qg.shape[2] - 1) * config.group_size
+    ref = block_mass_from_means(
+        qg, kg, counts, block_size=config.block_size, group_size=config.group_size
+    )
+    for precision in ("tf32x3", "bf16x3", "tf32"):
+        got, _ = grouped_block_estimate(qg, kg, precision=precision, **common)
+        ratio = ((got - ref).abs() / (1e-3 * ref.abs() + 1e-7)).max().item()
+        out[f"{precision}_err"] = round(ratio, 4)
+    del ref
+    base = route(config).to_dense_mask()
+    _, scores_tf32 = grouped_block_estimate(
+        qg, kg, routing=routing, need_share=not top_k, precision="tf32", **common
+    )
+    other = route_from_scores(
+        None if top_k else share, scores_tf32, layout=layout, config=config, density=density
+    ).to_dense_mask()
+    out["plan_jaccard_tf32"] = round(((base & other).sum() / (base | other).sum()).item(), 5)
+    return out
+
+
 def run_scenario(
     sc: Scenario,
     densities,
@@ -151,16 +227,17 @@ def run_scenario(
             flush=True,
         )
 
+    dense_ms = {}
     if sdpa:
-        row("sdpa_cudnn_dense", 1.0, _sdpa_dense_ms(q, k, v, warmup=warmup, reps=reps))
+        dense_ms["sdpa"] = _sdpa_dense_ms(q, k, v, warmup=warmup, reps=reps)
+        row("sdpa_cudnn_dense", 1.0, dense_ms["sdpa"])
     if fa4_ok and "fa4" in backends:
         from pasa.backends.fa4 import fa4_dense_attention
 
-        row(
-            "fa4_dense",
-            1.0,
-            cuda_time_ms(lambda: fa4_dense_attention(q, k, v), warmup=warmup, reps=reps),
+        dense_ms["fa4"] = cuda_time_ms(
+            lambda: fa4_dense_attention(q, k, v), warmup=warmup, reps=reps
         )
+        row("fa4_dense", 1.0, dense_ms["fa4"])
     layout = make_layout(sc.grid, num_text_tokens=sc.text_tokens, device="cuda")
     backends = [b for b in backends if b != "fa4" or fa4_ok]
 
@@ -170,99 +247,64 @@ def run_scenario(
         kw = dict(layout=layout, config=config, density=density, step=7, layer=3, head_offset=0)
         plan = plan_from_means(qg, kg, **kw)
         real = plan.density()
+        time = lambda fn: cuda_time_ms(fn, warmup=warmup, reps=reps)  # noqa: E731
         # PASA's parts
         parts = {
-            "permute": cuda_time_ms(
+            "permute": time(
                 lambda: (
                     to_tiled(q, k, v, layout, config.group_size if density < 1 else None),
                     from_tiled(qt, layout),
-                ),
-                warmup=warmup,
-                reps=reps,
+                )
             ),
         }
+        tiled_parts = {}
         if density < 1:
-            from pasa.kernels.estimate_triton import grouped_block_estimate, noise_key
-            from pasa.kernels.route_triton import route_from_scores
-            from pasa.route import _MASS_FLOOR
-
-            routing = {
-                "first_text_block": layout.first_text_block,
-                "noise_key": noise_key(config.seed, 7, 3),
-                "head_offset": 0,
-                "temperature": config.temperature,
-                "mass_floor": _MASS_FLOOR,
+            parts.update(_estimate_route_parts(qt, kt, qg, kg, layout, config, density, time))
+            tiled_parts = {
+                "pool": time(lambda: group_means(qt, kt, config.group_size)),
+                "pool_torch": time(
+                    lambda: (group_pool(qt, config.group_size), group_pool(kt, config.group_size))
+                ),
+                "estimate": parts["estimate"],
+                "route": parts["route"],
             }
-            est = lambda: grouped_block_estimate(  # noqa: E731
-                qg, kg, seq_len=seq, block_size=128, group_size=config.group_size, routing=routing
-            )
-            share, scores = est()
-            parts["estimate"] = cuda_time_ms(est, warmup=warmup, reps=reps)
-            parts["estimate_tf32"] = cuda_time_ms(
-                lambda: grouped_block_estimate(
-                    qg,
-                    kg,
-                    seq_len=seq,
-                    block_size=128,
-                    group_size=config.group_size,
-                    routing=routing,
-                    precision="tf32",
-                ),
-                warmup=warmup,
-                reps=reps,
-            )
-            parts["route_sort_only"] = cuda_time_ms(  # top-k: row sort + plan, no threshold
-                lambda: route_from_scores(
-                    share,
-                    scores,
-                    layout=layout,
-                    config=config.replace(selection="top_k"),
-                    density=density,
-                ),
-                warmup=warmup,
-                reps=reps,
-            )
-            parts["route"] = cuda_time_ms(
-                lambda: route_from_scores(
-                    share, scores, layout=layout, config=config, density=density
-                ),
-                warmup=warmup,
-                reps=reps,
-            )
         for name in backends:
             if name == "fa4":
                 from pasa.backends.fa4 import fa4_block_attention as fn
             else:
                 fn = flex_block_attention
-            kernel_ms = cuda_time_ms(lambda fn=fn: fn(qt, kt, vt, plan), warmup=warmup, reps=reps)
+            kernel_ms = time(lambda fn=fn: fn(qt, kt, vt, plan))
             row(f"{name}_kernel_on_plan", round(real, 4), kernel_ms)
             cfg = config.replace(backend=name, check_finite=False)
-            total = cuda_time_ms(
-                lambda cfg=cfg: pasa.sparse_attention(
-                    q,
-                    k,
-                    v,
-                    grid=sc.grid,
-                    config=cfg,
-                    num_text_tokens=sc.text_tokens,
-                    density=density,
-                    step=7,
-                    layer=3,
-                ),
-                warmup=warmup,
-                reps=reps,
+            call = dict(
+                grid=sc.grid,
+                config=cfg,
+                num_text_tokens=sc.text_tokens,
+                density=density,
+                step=7,
+                layer=3,
             )
-            split = {part: round(ms, 3) for part, ms in parts.items()}
-            split["kernel"] = round(kernel_ms, 3)
             overhead = parts["estimate"] + parts["route"] if density < 1 else 0.0
-            row(
-                f"pasa_total_{name}",
-                round(real, 4),
-                total,
-                target_density=density,
-                parts=split,
-                estimate_route_over_kernel=round(overhead / kernel_ms, 4),
-            )
+            for label, inputs, tiled, split in (
+                ("pasa_total", (q, k, v), False, parts),
+                ("pasa_total_tiled", (qt, kt, vt), True, tiled_parts),
+            ):
+                total = time(
+                    lambda inputs=inputs, tiled=tiled, call=call: pasa.sparse_attention(
+                        *inputs, tiled=tiled, **call
+                    )
+                )
+                split = {part: round(ms, 4) for part, ms in split.items()}
+                split["kernel"] = round(kernel_ms, 3)
+                row(
+                    f"{label}_{name}",
+                    round(real, 4),
+                    total,
+                    target_density=density,
+                    parts=split,
+                    estimate_route_over_kernel=round(overhead / kernel_ms, 4),
+                    x_sdpa=round(dense_ms["sdpa"] / total, 2) if "sdpa" in dense_ms else None,
+                )
 
     for density in densities:
         measure(density)
@@ -279,7 +321,11 @@ def main(argv: list[str] | None = None) -> int:
         help="scenario(s) to run (default: all)",
     )
     p.add_argument("--densities", type=float, nargs="+", default=None)
-    p.add_argument("--quick", action="store_true", help="wan14b-720p at 1 and 0.1, 3 reps")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="wan14b-720p at 1 and 0.1, wan1.3b-480p and hunyuan-720p at 0.1; 5 reps",
+    )
     p.add_argument("--backends", nargs="+", default=["fa4", "flex"], choices=["fa4", "flex"])
     p.add_argument("--no-sdpa", action="store_true", help="skip the cuDNN dense baseline")
     p.add_argument("--reps", type=int, default=10)
@@ -290,25 +336,13 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
-    names = args.scenario or (["wan14b-720p"] if args.quick else list(SCENARIOS))
-    densities = args.densities or ((1.0, 0.1) if args.quick else DENSITIES)
-    reps, warmup = (3, 1) if args.quick else (args.reps, args.warmup)
+    names = args.scenario or list(QUICK if args.quick else SCENARIOS)
+    reps, warmup = (5, 2) if args.quick else (args.reps, args.warmup)
     from pasa.backends.fa4 import fa4_unavailable
 
     fa4_reason = fa4_unavailable(torch.device("cuda"))
     if fa4_reason:
         print(f"FA4 rows skipped: {fa4_reason}", flush=True)
-    rows = []
-    for name in names:
-        rows += run_scenario(
-            SCENARIOS[name],
-            densities,
-            warmup=warmup,
-            reps=reps,
-            fa4_ok=fa4_reason is None,
-            backends=tuple(args.backends),
-            sdpa=not args.no_sdpa,
-        )
     root = Path(__file__).resolve().parent
     try:
         commit = (
@@ -327,11 +361,22 @@ def main(argv: list[str] | None = None) -> int:
         "note": args.note,
         "flops_formula": "4 * B * H * S^2 * D (dense-equivalent; effective TFLOP/s = that / time)",
         "fa4_unavailable": fa4_reason,
-        "rows": rows,
+        "rows": [],
     }
     out = args.out or root / "results" / f"attention-{datetime.date.today()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    for name in names:
+        densities = args.densities or (QUICK.get(name, (0.1,)) if args.quick else DENSITIES)
+        result["rows"] += run_scenario(
+            SCENARIOS[name],
+            densities,
+            warmup=warmup,
+            reps=reps,
+            fa4_ok=fa4_reason is None,
+            backends=tuple(args.backends),
+            sdpa=not args.no_sdpa,
+        )
+        out.write_text(json.dumps(result, indent=1))  # after every scenario: a cut run keeps some
     print(f"wrote {out}")
     return 0
 

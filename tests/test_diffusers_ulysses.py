@@ -31,6 +31,7 @@ def test_ulysses_two_ranks_match_one(tmp_path: Path) -> None:
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",  # a free rendezvous port: no clash with other torchrun jobs
         "--nproc_per_node",
         "2",
         str(ROOT / "benchmarks" / "ulysses_check.py"),

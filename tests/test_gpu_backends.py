@@ -82,17 +82,33 @@ def test_fa4_refuses_cleanly_when_unavailable():
         get_backend("fa4", "cuda")
 
 
+@pytest.mark.parametrize(
+    "precision,single_pass", [("tf32x3", True), ("tf32x3", False), ("bf16x3", True)]
+)
 @pytest.mark.parametrize("group_size", [16, 32, 128])
 @pytest.mark.parametrize("grid,text", CASES)
-def test_triton_block_mass_matches_torch(grid, text, group_size):
+def test_triton_block_mass_matches_torch(grid, text, group_size, precision, single_pass):
     from pasa.kernels.estimate_triton import block_mass_triton
 
     layout = make_layout(grid, num_text_tokens=text, device="cuda")
     q, k, _ = _inputs(grid, text, torch.bfloat16)
     qt, kt = layout.to_blocks(q), layout.to_blocks(k)
     ref = block_mass(qt, kt, block_size=128, group_size=group_size)
-    got = block_mass_triton(qt, kt, block_size=128, group_size=group_size)
+    got = block_mass_triton(
+        qt, kt, block_size=128, group_size=group_size, precision=precision, single_pass=single_pass
+    )
     assert ((got - ref).abs() <= 1e-3 * ref.abs() + 1e-7).all()
+
+
+@pytest.mark.parametrize("group_size", [16, 32, 128])
+def test_triton_group_means_match_group_pool(group_size):
+    from pasa.estimate import group_pool
+    from pasa.kernels.permute import group_means
+
+    q, k, _ = _inputs(*CASES[0], torch.bfloat16)
+    qg, kg = group_means(q, k.transpose(1, 2).contiguous().transpose(1, 2), group_size)
+    assert torch.allclose(qg, group_pool(q, group_size)[0], rtol=1e-5, atol=1e-6)
+    assert torch.allclose(kg, group_pool(k, group_size)[0], rtol=1e-5, atol=1e-6)
 
 
 def test_triton_noise_is_bit_exact():
@@ -113,13 +129,19 @@ def test_triton_noise_is_bit_exact():
     assert torch.equal(got, ref)
 
 
+BOUNDS = [(1, None), (3, 5)]  # (min_blocks, max_blocks): the second clips rows both ways
+
+
+@pytest.mark.parametrize("min_blocks,max_blocks", BOUNDS)
 @pytest.mark.parametrize("selection", ["top_p", "top_k"])
 @pytest.mark.parametrize("grid,text", CASES)
-def test_gpu_plan_matches_route(grid, text, selection):
+def test_gpu_plan_matches_route(grid, text, selection, min_blocks, max_blocks):
     """The fused estimate + GPU router give pasa/route.py's plan (no near-ties at these shapes)."""
     from pasa.attention import plan_blocks
 
-    config = pasa.PASAConfig(density=0.3, selection=selection, seed=2)
+    config = pasa.PASAConfig(
+        density=0.3, selection=selection, seed=2, min_blocks=min_blocks, max_blocks=max_blocks
+    )
     q, k, _ = _inputs(grid, text, torch.bfloat16)
     got = plan_blocks(q, k, grid=grid, config=config, num_text_tokens=text, step=3, layer=2)
     layout = make_layout(grid, num_text_tokens=text, device="cuda")
@@ -127,6 +149,65 @@ def test_gpu_plan_matches_route(grid, text, selection):
     ref = select_blocks(mass, layout=layout, config=config, step=3, layer=2)
     assert torch.equal(got.kv_counts, ref.kv_counts)
     assert torch.equal(got.kv_indices, ref.kv_indices)
+
+
+@pytest.mark.parametrize("chunk", [2048, 128])
+@pytest.mark.parametrize("selection", ["top_k", "top_p"])
+def test_gpu_plan_matches_route_wan_rows(selection, chunk, monkeypatch):
+    """591 blocks a row (Wan2.1-14B 720p grid, 2 heads): the register path of the top-k select,
+    and (chunk 128) its streamed path. route.py ranks the mass of the same estimate kernel, so
+    only the routing is compared (ulp-level near-ties are ~1e-5 likely per row: none expected)."""
+    from pasa.attention import plan_blocks
+    from pasa.kernels import route_triton
+    from pasa.kernels.estimate_triton import block_mass_triton
+
+    monkeypatch.setattr(route_triton, "_TOPK_CHUNK", chunk)
+    grid, text = (21, 45, 80), 0
+    config = pasa.PASAConfig(density=0.1, selection=selection, seed=5)
+    q, k, _ = _inputs(grid, text, torch.bfloat16, heads=2, batch=1)
+    got = plan_blocks(q, k, grid=grid, config=config, step=1, layer=7)
+    layout = make_layout(grid, device="cuda")
+    mass = block_mass_triton(
+        layout.to_blocks(q), layout.to_blocks(k), block_size=128, group_size=32
+    )
+    ref = select_blocks(mass, layout=layout, config=config, step=1, layer=7)
+    assert got.kv_indices.shape[-1] == 591
+    assert torch.equal(got.kv_counts, ref.kv_counts)
+    assert torch.equal(got.kv_indices, ref.kv_indices)
+
+
+def test_gpu_topk_ties_lower_index_wins():
+    """Equal keys (zero mass, temperature 0): the lowest-indexed blocks fill the count."""
+    from pasa.kernels.route_triton import topk_plan
+
+    n = 300
+    scores = torch.zeros(1, 2, n, n, device="cuda")
+    scores[0, 1, :, 150:] = 1.0  # head 1: blocks 150.. above the rest
+    scores[..., torch.arange(n), torch.arange(n)] = float("inf")  # diagonal forced
+    lo = torch.ones(n, dtype=torch.int32, device="cuda")
+    hi = torch.full((n,), n, dtype=torch.int32, device="cuda")
+    idx, cnt = topk_plan(scores, lo, hi, 30)
+    assert (cnt == 30).all()
+    for row in (0, 1, 149, 150, 299):
+        want0 = sorted({row, *[j for j in range(n) if j != row][:29]})
+        want1 = sorted({row, *[j for j in range(150, n) if j != row][:29]})
+        assert idx[0, 0, row, :30].tolist() == want0
+        assert idx[0, 1, row, :30].tolist() == want1
+        assert (idx[0, :, row, 30:] == idx[0, :, row, 29:30]).all()  # padding repeats the last
+
+
+def test_tiled_sparse_attention_matches_untiled():
+    """sparse_attention(tiled=True) on pre-tiled inputs = the untiled call, re-ordered."""
+    grid, text = CASES[0]
+    q, k, v = _inputs(grid, text, torch.bfloat16)
+    config = pasa.PASAConfig(density=0.4, backend="reference", check_finite=False)
+    layout = make_layout(grid, num_text_tokens=text, device="cuda")
+    want = pasa.sparse_attention(q, k, v, grid=grid, config=config, num_text_tokens=text)
+    qt, kt, vt = (layout.to_blocks(t) for t in (q, k, v))
+    got = pasa.sparse_attention(
+        qt, kt, vt, grid=grid, config=config, num_text_tokens=text, tiled=True
+    )
+    assert (got.float() - layout.to_blocks(want).float()).abs().max().item() < 2e-2
 
 
 @pytest.mark.parametrize("backend", ["flex", "fa4", "reference"])

@@ -1,7 +1,7 @@
-"""Triton kernels of PASA (private): token gather + group pooling, fused estimate, row routing.
+"""Triton kernels of PASA (private): token gather + group pooling, fused estimate, routing noise.
 
-Host functions that check shapes, choose grids and launch live in ``permute.py``,
-``estimate_triton.py`` and ``route_triton.py``; nothing here is public API.
+Host functions that check shapes, choose grids and launch live in ``permute.py`` and
+``estimate_triton.py``; the routing kernels are in ``_route_kernels.py``. Nothing here is public.
 """
 
 from __future__ import annotations
@@ -69,6 +69,75 @@ def gather_pool_kernel(
 
 
 @triton.jit
+def _group_mean(
+    x_ptr,
+    out_ptr,
+    a,
+    hb,
+    b,
+    S,
+    H,
+    NG,
+    sxb,
+    sxs,
+    sxh,
+    D: tl.constexpr,
+    GROUP: tl.constexpr,
+    HB: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    t = a * GROUP + tl.arange(0, GROUP)
+    hh = hb * HB + tl.arange(0, HB)
+    dd = tl.arange(0, BLOCK_D)
+    hd_ok = (hh[:, None] < H) & (dd[None, :] < D)  # (HB, BLOCK_D)
+    ok = (t < S)[:, None, None] & hd_ok[None, :, :]
+    x = tl.load(
+        x_ptr
+        + b.to(tl.int64) * sxb
+        + t.to(tl.int64)[:, None, None] * sxs
+        + (hh[:, None] * sxh + dd[None, :])[None, :, :],
+        mask=ok,
+        other=0.0,
+    )  # (GROUP, HB, BLOCK_D)
+    n = tl.minimum(S - a * GROUP, GROUP).to(tl.float32)
+    mean = tl.sum(x.to(tl.float32), axis=0) / n  # (HB, BLOCK_D)
+    dst = ((b.to(tl.int64) * H + hh[:, None]) * NG + a) * D + dd[None, :]
+    tl.store(out_ptr + dst, mean, mask=hd_ok)
+
+
+@triton.jit
+def group_mean_kernel(
+    q_ptr,  # token s, head h of batch b at q_ptr + b * sqb + s * sqs + h * sqh + d
+    k_ptr,  # the same for k, with its own strides
+    qg_ptr,  # (B, H, NG, D) fp32 out: means of GROUP consecutive tokens of q
+    kg_ptr,  # (B, H, NG, D) fp32 out: the same for k
+    S,
+    H,
+    NG,
+    sqb,
+    sqs,
+    sqh,
+    skb,
+    sks,
+    skh,
+    D: tl.constexpr,
+    GROUP: tl.constexpr,
+    HB: tl.constexpr,  # heads per program
+    BLOCK_D: tl.constexpr,
+):
+    # q and k in one launch (axis 2 = batch x {q, k}): each element is read once, nothing written
+    # but the means.
+    a = tl.program_id(0)
+    hb = tl.program_id(1)
+    z = tl.program_id(2)
+    b = z // 2
+    if z % 2 == 0:
+        _group_mean(q_ptr, qg_ptr, a, hb, b, S, H, NG, sqb, sqs, sqh, D, GROUP, HB, BLOCK_D)
+    else:
+        _group_mean(k_ptr, kg_ptr, a, hb, b, S, H, NG, skb, sks, skh, D, GROUP, HB, BLOCK_D)
+
+
+@triton.jit
 def _mix32(x):
     # lowbias32 (pasa/noise.py), uint32 wrap-around arithmetic.
     x = x ^ (x >> 16)
@@ -84,18 +153,65 @@ def _spread(x):
 
 
 @triton.jit
+def _split_bf16(x):
+    # fp32 -> bf16 hi + bf16 lo with hi + lo = x to ~2^-17 relative.
+    hi = x.to(tl.bfloat16)
+    return hi, (x - hi.to(tl.float32)).to(tl.bfloat16)
+
+
+@triton.jit
 def _group_logits(
-    qa, kg_ptr, bias_ptr, n0, NG, scale, D, dd, BN: tl.constexpr, PRECISION: tl.constexpr
+    qa,
+    qa_lo,
+    kg_ptr,
+    bias_ptr,
+    n0,
+    NG,
+    scale,
+    D,
+    dd,
+    BN: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    """(M, BN) fp32 logits of the query groups ``qa`` against key groups n0 .. n0 + BN."""
+    """(M, BN) fp32 logits of the query groups ``qa`` against key groups n0 .. n0 + BN.
+
+    ``PRECISION``: "tf32x3" / "tf32" (Triton's), or "bf16x3": three bf16 products on ``qa`` =
+    (hi, ``qa_lo``) split once by the caller, ~2^-16 relative, at twice tf32's MMA rate.
+    """
     n = n0 + tl.arange(0, BN)
     n_ok = n < NG
     kb = tl.load(
         kg_ptr + n[:, None] * D + dd[None, :], mask=n_ok[:, None] & (dd[None, :] < D), other=0.0
-    )
-    logits = tl.dot(qa, tl.trans(kb), input_precision=PRECISION) * scale
+    )  # (BN, BLOCK_D)
+    if PRECISION == "bf16x3":
+        kb_hi, kb_lo = _split_bf16(tl.trans(kb))
+        logits = tl.dot(qa, kb_lo)
+        logits = tl.dot(qa_lo, kb_hi, logits)
+        logits = tl.dot(qa, kb_hi, logits)
+    else:
+        logits = tl.dot(qa, tl.trans(kb), input_precision=PRECISION)
     bias = tl.load(bias_ptr + n, mask=n_ok, other=float("-inf"))
-    return logits + bias[None, :]
+    return logits * scale + bias[None, :]
+
+
+@triton.jit
+def _block_sums(p, GPB: tl.constexpr, KBC: tl.constexpr):
+    """(M, KBC * GPB) fp32 -> (M, KBC): the sum of every GPB consecutive columns.
+
+    One 0/1 matrix product (exact in bf16) instead of a reshape reduction; p in [0, 1] is split
+    into bf16 hi + lo, so the sums keep ~2^-17 relative accuracy (fp32 accumulation).
+    """
+    if GPB == 1:
+        return p
+    else:
+        BN: tl.constexpr = KBC * GPB
+        e = (tl.arange(0, BN)[:, None] // GPB) == tl.arange(0, KBC)[None, :]  # (BN, KBC)
+        if _INTERPRET:  # the interpreter's bf16 tl.dot is wrong; fp32 checks the indexing
+            return tl.dot(p, e.to(tl.float32), input_precision="ieee")
+        else:
+            p_hi, p_lo = _split_bf16(p)
+            e = e.to(tl.bfloat16)
+            return tl.dot(p_lo, e, tl.dot(p_hi, e))
 
 
 @triton.jit
@@ -103,11 +219,17 @@ def block_estimate_kernel(
     qg_ptr,  # (B, H, NG, D) fp32 query group means
     kg_ptr,  # (B, H, NG, D) fp32 key group means
     bias_ptr,  # (NG,) fp32 log of tokens per key group
-    share_ptr,  # (B, H, N, N) fp32: block mass, then (FINISH) the floored row share
-    score_ptr,  # (B, H, N, N) fp32 routing scores (FINISH only)
+    mass_ptr,  # (B, H, N, N) fp32: block mass, then (FINISH and WRITE_SHARE) the floored share
+    score_ptr,  # (B, H, N, N) fp32 routing scores (FINISH only; may be mass_ptr)
+    part_ptr,  # SCRATCH: (B * H, NGP, NKP) fp32 block sums of exp(logit - running max)
+    runmax_ptr,  # SCRATCH: (B * H, NGP, NCH) fp32 running row max after each key chunk
+    stat_ptr,  # SCRATCH: (B * H, 2, NGP) fp32 final row max and 1 / normaliser
     H,
     NG,
     N,
+    NGP,
+    NKP,
+    NCH,
     scale,
     first_text_block,
     noise_key,  # uint32 hash of (seed, step, layer)
@@ -121,16 +243,21 @@ def block_estimate_kernel(
     QB: tl.constexpr,  # query blocks per program
     KBC: tl.constexpr,  # key blocks per inner step
     PRECISION: tl.constexpr,
+    SCRATCH: tl.constexpr,  # one pass over the keys (partial sums to scratch) instead of two
     FINISH: tl.constexpr,
+    WRITE_SHARE: tl.constexpr,
     NOISE: tl.constexpr,
 ):
-    # One program owns QB query-block rows of one (batch, head). Its QB * GPB query-group means stay
-    # in registers for the whole row; key groups stream through twice (softmax statistics, then
-    # block mass), and no (NG x NG) logit ever leaves the chip.
+    # One program owns QB query-block rows of one (batch, head). Its M = QB * GPB query-group
+    # means stay in registers for the whole row; no (NG x NG) logit ever leaves the chip.
+    # Two-pass (SCRATCH false): keys stream twice (softmax statistics, then normalised block
+    # sums, max over the query groups of a block in registers). Single pass (SCRATCH true): keys
+    # stream once with an online max; the (M, N) unnormalised block sums go to scratch and are
+    # rescaled and max-reduced from there (memory traffic instead of a second pass of dots).
     M: tl.constexpr = QB * GPB
     BN: tl.constexpr = KBC * GPB
     tl.static_assert(M >= 16, "tl.dot needs at least 16 query groups per program")
-    tl.static_assert(BN >= 16, "tl.dot needs at least 16 key groups per step")
+    tl.static_assert(KBC >= 16, "the block-sum tl.dot needs at least 16 key blocks per step")
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     h = bh % H
@@ -143,35 +270,68 @@ def block_estimate_kernel(
         qg_ptr + base + rows[:, None] * D + dd[None, :],
         mask=row_ok[:, None] & (dd[None, :] < D),
         other=0.0,
-    )
+    )  # (M, BLOCK_D)
+    qa_lo = qa
+    if PRECISION == "bf16x3":
+        qa, qa_lo = _split_bf16(qa)
     kg = kg_ptr + base
-
-    # Pass 1: row max and normaliser of the group softmax (online).
-    m_i = tl.full((M,), float("-inf"), tl.float32)
-    l_i = tl.zeros((M,), tl.float32)
-    for n0 in range(0, NG, BN):
-        logits = _group_logits(qa, kg, bias_ptr, n0, NG, scale, D, dd, BN, PRECISION)
-        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
-        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)
-        m_i = m_new
-    inv_l = tl.where(row_ok, 1.0 / l_i, 0.0)  # padding query groups get p = 0: never win a max
-    m_i = tl.where(row_ok, m_i, 0.0)
-
-    # Pass 2: block mass = max over query groups of the block of the summed key-group probabilities.
     qb = i0 + tl.arange(0, QB)
     qb_ok = qb < N
+    kk = tl.arange(0, KBC)
     out_base = bh.to(tl.int64) * N * N
     row_sum = tl.zeros((QB,), tl.float32)
-    for j0 in range(0, N, KBC):
-        logits = _group_logits(qa, kg, bias_ptr, j0 * GPB, NG, scale, D, dd, BN, PRECISION)
-        p = tl.exp(logits - m_i[:, None]) * inv_l[:, None]  # (M, BN)
-        per_key_block = tl.sum(tl.reshape(p, (M, KBC, GPB)), axis=2)  # (M, KBC)
-        mass = tl.max(tl.reshape(per_key_block, (QB, GPB, KBC)), axis=1)  # (QB, KBC)
-        kb = j0 + tl.arange(0, KBC)
-        ok = qb_ok[:, None] & (kb[None, :] < N)
-        mass = tl.where(ok, mass, 0.0)
-        row_sum += tl.sum(mass, axis=1)
-        tl.store(share_ptr + out_base + qb[:, None] * N + kb[None, :], mass, mask=ok)
+    m_i = tl.full((M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((M,), tl.float32)
+
+    if SCRATCH:
+        part = part_ptr + bh.to(tl.int64) * NGP * NKP
+        runmax = runmax_ptr + bh.to(tl.int64) * NGP * NCH
+        stat = stat_ptr + bh.to(tl.int64) * 2 * NGP
+        for c in range(0, NCH):
+            logits = _group_logits(qa, qa_lo, kg, bias_ptr, c * BN, NG, scale, D, dd, BN, PRECISION)
+            m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+            sums = _block_sums(tl.exp(logits - m_new[:, None]), GPB, KBC)  # (M, KBC)
+            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(sums, axis=1)
+            m_i = m_new
+            tl.store(part + rows[:, None] * NKP + (c * KBC + kk)[None, :], sums)
+            tl.store(runmax + rows * NCH + c, m_new)
+        tl.store(stat + rows, m_i)
+        tl.store(stat + NGP + rows, tl.where(row_ok, 1.0 / l_i, 0.0))  # padding groups: p = 0
+        tl.debug_barrier()  # this program's scratch writes are visible to all its threads
+        for c in range(0, NCH):
+            kb = c * KBC + kk
+            ok = qb_ok[:, None] & (kb[None, :] < N)
+            mass = tl.zeros((QB, KBC), tl.float32)
+            for g in tl.static_range(GPB):
+                r = qb * GPB + g  # (QB,) query group g of each query block (< NGP)
+                f = tl.exp(tl.load(runmax + r * NCH + c) - tl.load(stat + r))
+                f = f * tl.load(stat + NGP + r)
+                mass = tl.maximum(mass, tl.load(part + r[:, None] * NKP + kb[None, :]) * f[:, None])
+            mass = tl.where(ok, mass, 0.0)
+            row_sum += tl.sum(mass, axis=1)
+            tl.store(mass_ptr + out_base + qb[:, None] * N + kb[None, :], mass, mask=ok)
+    else:
+        # Pass 1: row max and normaliser of the group softmax (online).
+        for n0 in range(0, NG, BN):
+            logits = _group_logits(qa, qa_lo, kg, bias_ptr, n0, NG, scale, D, dd, BN, PRECISION)
+            m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)
+            m_i = m_new
+        inv_l = tl.where(row_ok, 1.0 / l_i, 0.0)  # padding query groups get p = 0: never win a max
+        m_i = tl.where(row_ok, m_i, 0.0)
+        # Pass 2: block mass = max over the query groups of a block of its key-block sums.
+        for j0 in range(0, N, KBC):
+            logits = _group_logits(
+                qa, qa_lo, kg, bias_ptr, j0 * GPB, NG, scale, D, dd, BN, PRECISION
+            )
+            p = tl.exp(logits - m_i[:, None]) * inv_l[:, None]  # (M, BN)
+            per_key_block = _block_sums(p, GPB, KBC)  # (M, KBC)
+            mass = tl.max(tl.reshape(per_key_block, (QB, GPB, KBC)), axis=1)  # (QB, KBC)
+            kb = j0 + kk
+            ok = qb_ok[:, None] & (kb[None, :] < N)
+            mass = tl.where(ok, mass, 0.0)
+            row_sum += tl.sum(mass, axis=1)
+            tl.store(mass_ptr + out_base + qb[:, None] * N + kb[None, :], mass, mask=ok)
 
     if FINISH:
         # Pass 3: the routing keys of pasa/route.py, read back from what this program wrote.
@@ -181,10 +341,10 @@ def block_estimate_kernel(
             hh = _mix32(noise_key.to(tl.uint32) ^ _spread(head_offset + h))
             hq = _mix32(hh ^ _spread(qb))  # (QB,)
         for j0 in range(0, N, KBC):
-            kb = j0 + tl.arange(0, KBC)
+            kb = j0 + kk
             ok = qb_ok[:, None] & (kb[None, :] < N)
             offs = out_base + qb[:, None] * N + kb[None, :]
-            mass = tl.load(share_ptr + offs, mask=ok, other=0.0)
+            mass = tl.load(mass_ptr + offs, mask=ok, other=0.0)
             share = (mass * inv_sum[:, None] + mass_floor) / floor_norm
             score = _log(tl.maximum(share, 1e-30))
             if NOISE:
@@ -194,7 +354,8 @@ def block_estimate_kernel(
             forced = (qb[:, None] == kb[None, :]) | (kb[None, :] >= first_text_block)
             forced = forced | (qb[:, None] >= first_text_block)
             score = tl.where(forced, float("inf"), score)
-            tl.store(share_ptr + offs, share, mask=ok)
+            if WRITE_SHARE:
+                tl.store(mass_ptr + offs, share, mask=ok)
             tl.store(score_ptr + offs, score, mask=ok)
 
 
@@ -211,72 +372,3 @@ def gumbel_kernel(out_ptr, NQ, NK, noise_key, head_offset, BLOCK: tl.constexpr):
         u = ((hk >> 8).to(tl.float32) + 0.5) / 16777216.0
         g = -_log(-_log(u))
         tl.store(out_ptr + (h * NQ + i).to(tl.int64) * NK + kb, g, mask=kb < NK)
-
-
-@triton.jit
-def _float_order_key(x):
-    # fp32 -> uint32 whose unsigned order is the float order (-inf lowest, +inf highest).
-    bits = x.to(tl.uint32, bitcast=True)
-    flip = tl.where((bits >> 31) == 1, 0xFFFFFFFF, 0x80000000).to(tl.uint32)
-    return bits ^ flip
-
-
-@triton.jit
-def rank_row_kernel(
-    score_ptr,  # (R, N) fp32 routing scores
-    share_ptr,  # (R, N) fp32 row shares
-    order_ptr,  # (R, N) int32 out: key blocks by descending score
-    ranked_ptr,  # (R, N) fp32 out: share in ranked order (only when RANKED)
-    N,
-    BLOCK: tl.constexpr,
-    RANKED: tl.constexpr,
-):
-    # One program sorts one row in registers: bitonic sort of packed (score key, block) pairs.
-    r = tl.program_id(0).to(tl.int64)
-    j = tl.arange(0, BLOCK)
-    ok = j < N
-    s = tl.load(score_ptr + r * N + j, mask=ok, other=float("-inf"))
-    key = (_float_order_key(s).to(tl.uint64) << 32) | j.to(tl.uint64)
-    key = tl.where(ok, key, 0)
-    key = tl.sort(key, descending=True)
-    order = (key & 0xFFFFFFFF).to(tl.int32)
-    tl.store(order_ptr + r * N + j, order, mask=ok)
-    if RANKED:
-        ranked = tl.load(share_ptr + r * N + order, mask=ok, other=0.0)
-        tl.store(ranked_ptr + r * N + j, ranked, mask=ok)
-
-
-@triton.jit
-def build_plan_kernel(
-    order_ptr,  # (R, N) int32 ranked key blocks
-    cum_ptr,  # (R, N) fp32 cumulative ranked share (TOP_P only)
-    lo_ptr,  # (Nq,) int32 count floor per query block
-    hi_ptr,  # (Nq,) int32 count ceiling per query block
-    thr_ptr,  # (1,) fp32 cumulative-share threshold c* (TOP_P only)
-    fixed_count,  # top-k count before clamping (TOP_P false)
-    idx_ptr,  # (R, N) int32 out: kv_indices, ascending, padded with the last selected
-    cnt_ptr,  # (R,) int32 out: kv_counts
-    N,
-    TOP_P: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    r = tl.program_id(0).to(tl.int64)
-    row = r % N  # query block
-    j = tl.arange(0, BLOCK)
-    ok = j < N
-    lo = tl.load(lo_ptr + row)
-    hi = tl.load(hi_ptr + row)
-    if TOP_P:
-        # count = clamp(#{cum <= c*} + 1, lo, hi) = lo + #{rank in [lo-1, hi-2] : cum <= c*}
-        thr = tl.load(thr_ptr)
-        cum = tl.load(cum_ptr + r * N + j, mask=ok, other=float("inf"))
-        eligible = (j >= lo - 1) & (j <= hi - 2) & (cum <= thr)
-        count = lo + tl.sum(eligible.to(tl.int32), axis=0)
-    else:
-        count = tl.minimum(tl.maximum(fixed_count, lo), hi)
-    order = tl.load(order_ptr + r * N + j, mask=ok, other=0)
-    chosen = ok & (j < count)
-    picked = tl.sort(tl.where(chosen, order, 0x7FFFFFFF))  # selected blocks first, ascending
-    last = tl.max(tl.where(chosen, order, -1), axis=0)
-    tl.store(idx_ptr + r * N + j, tl.where(j < count, picked, last), mask=ok)
-    tl.store(cnt_ptr + r, count)

@@ -1,9 +1,13 @@
 """Fused grouped block-importance estimate on GPU (DESIGN.md section 1), held to pasa/estimate.py.
 
-Input is the group means the token gather already produced (``permute.gather_tokens``); one kernel
-then computes group logits, the row softmax statistics, the block mass and (optionally) the routing
+Input is the group means (``permute.gather_tokens`` or ``permute.group_means``); one kernel then
+computes group logits, the row softmax statistics, the block mass and (optionally) the routing
 keys of pasa/route.py: floored row share and ``log share + tau * Gumbel``, forced blocks ``+inf``.
-The ``(S/g)^2`` logits never reach GPU memory; only ``(B, H, N, N)`` block values are written.
+The ``(S/g)^2`` logits never reach GPU memory; only ``(B, H, N, N)`` block values are written
+(and, single-pass, ``(B, H, NG, N)`` unnormalised block sums to a scratch buffer).
+
+Block sums over the groups of a key block are one 0/1-matrix ``tl.dot`` (bf16 hi + lo split of
+the probabilities, ~2^-17 relative), not a reshape reduction.
 """
 
 from __future__ import annotations
@@ -13,29 +17,21 @@ from functools import lru_cache
 import torch
 
 from pasa.kernels._triton_kernels import block_estimate_kernel, gumbel_kernel
-from pasa.noise import GOLDEN, MASK32, SEED_SALT
+from pasa.noise import noise_key
 
-# Query groups per program and key groups per inner step (tl.dot tile sizes).
+# Query groups per program (tl.dot M; 64 = one Hopper warpgroup MMA) and key blocks per inner
+# step (the N of the block-sum tl.dot, >= 16). Wan2.1-14B 720p, g = 32: 37 x 40 programs.
 _ROWS = 64
-_COLS = 64
-# "tf32x3" keeps the logits at fp32 accuracy (block mass within 1e-3 relative of the fp32
-# reference); "tf32" is ~3x cheaper and ~1e-3 off on the logits.
+_KEY_BLOCKS = 16
+# Logit dot precision. "tf32x3": fp32-accurate logits (block mass within 1e-3 relative of the
+# fp32 reference). "bf16x3": three bf16 MMAs (~2^-16 relative on the products), about half the
+# MMA time of tf32x3. "tf32": one MMA, ~1e-3 relative on the logits: error to be measured.
+PRECISIONS = ("tf32x3", "bf16x3", "tf32")
 DEFAULT_PRECISION = "tf32x3"
-
-
-def _mix_int(x: int) -> int:
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & MASK32
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & MASK32
-    return x ^ (x >> 16)
-
-
-def noise_key(seed: int, step: int, layer: int) -> int:
-    """The uint32 hash of ``(seed, step, layer)`` that pasa/noise.py chains the block indices onto."""
-    h = _mix_int((SEED_SALT ^ seed) & MASK32)
-    h = _mix_int(h ^ (((step + 1) * GOLDEN) & MASK32))
-    return _mix_int(h ^ (((layer + 1) * GOLDEN) & MASK32))
+# One pass over the keys with block sums parked in scratch (B*H*NG*N*4 bytes: 223 MB at
+# Wan2.1-14B 720p) instead of two passes of logits; which is faster is measured by
+# benchmarks/attention.py (``estimate`` vs ``estimate_two_pass``).
+DEFAULT_SINGLE_PASS = True
 
 
 @lru_cache(maxsize=64)
@@ -64,6 +60,8 @@ def grouped_block_estimate(
     scale: float | None = None,
     routing: dict | None = None,
     precision: str = DEFAULT_PRECISION,
+    single_pass: bool = DEFAULT_SINGLE_PASS,
+    need_share: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Block mass, or (with ``routing``) the routing share and scores, from group means.
 
@@ -71,35 +69,62 @@ def grouped_block_estimate(
         qg, kg: ``(B, H, NG, D)`` fp32 group means (``NG = ceil(seq_len / group_size)``).
         routing: None for plain block mass; else a dict with ``first_text_block``, ``noise_key``,
             ``head_offset``, ``temperature``, ``mass_floor`` (pasa/route.py's settings).
+        precision: one of :data:`PRECISIONS` (the logit dot).
+        single_pass: one pass over the keys (scratch) instead of two (see the module constants).
+        need_share: with ``routing``, also return the share (top-p reads it; top-k does not,
+            and then no ``(B, H, N, N)`` share is written).
     Returns:
         ``(B, H, N, N)`` fp32 block mass and None; or with ``routing`` the row share (floored, as
-        pasa/route.py) and the scores ``log share + tau * Gumbel`` with forced blocks ``+inf``.
+        pasa/route.py; None unless ``need_share``) and the scores ``log share + tau * Gumbel``
+        with forced blocks ``+inf``.
     """
     batch, heads, num_groups, dim = qg.shape
     if kg.shape != qg.shape or qg.dtype != torch.float32 or kg.dtype != torch.float32:
         raise ValueError(f"qg and kg must be equal-shaped fp32, got {qg.shape} {kg.shape}")
     if not supports(block_size, group_size, dim):
         raise ValueError(f"unsupported block_size {block_size} / group_size {group_size} / D {dim}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     per_block = block_size // group_size
     n = -(-seq_len // block_size)
+    if num_groups != -(-seq_len // group_size):
+        raise ValueError(f"{num_groups} groups do not match seq_len {seq_len} / group {group_size}")
     scale = dim**-0.5 if scale is None else float(scale)
     qg, kg = qg.contiguous(), kg.contiguous()
-    share = torch.empty((batch, heads, n, n), dtype=torch.float32, device=qg.device)
-    scores = torch.empty_like(share) if routing is not None else share
+    device = qg.device
+    qb = max(1, _ROWS // per_block)
+    kbc = _KEY_BLOCKS
+    grid = (_cdiv(n, qb), batch * heads)
+    mass = torch.empty((batch, heads, n, n), dtype=torch.float32, device=device)
+    scores = None
+    if routing is not None:
+        scores = torch.empty_like(mass) if need_share else mass
+    if single_pass:
+        ngp, nch = grid[0] * qb * per_block, _cdiv(n, kbc)
+        part = torch.empty((batch * heads, ngp, nch * kbc), dtype=torch.float32, device=device)
+        runmax = torch.empty((batch * heads, ngp, nch), dtype=torch.float32, device=device)
+        stat = torch.empty((batch * heads, 2, ngp), dtype=torch.float32, device=device)
+    else:
+        ngp = nch = 1
+        part = runmax = stat = mass  # never touched
     r = routing or {}
     temperature = float(r.get("temperature", 0.0))
     floor = float(r.get("mass_floor", 0.0))
-    qb = _ROWS // per_block
-    grid = (_cdiv(n, qb), batch * heads)
     block_estimate_kernel[grid](
         qg,
         kg,
-        _key_bias(seq_len, group_size, qg.device),
-        share,
-        scores,
+        _key_bias(seq_len, group_size, device),
+        mass,
+        mass if scores is None else scores,
+        part,
+        runmax,
+        stat,
         heads,
         num_groups,
         n,
+        ngp,
+        nch * kbc,
+        nch,
         scale,
         int(r.get("first_text_block", n)),
         int(r.get("noise_key", 0)),
@@ -111,13 +136,20 @@ def grouped_block_estimate(
         BLOCK_D=max(16, 1 << (dim - 1).bit_length()),
         GPB=per_block,
         QB=qb,
-        KBC=_COLS // per_block,
+        KBC=kbc,
         PRECISION=precision,
+        SCRATCH=single_pass,
         FINISH=routing is not None,
+        WRITE_SHARE=routing is not None and need_share,
         NOISE=temperature > 0,
         num_warps=4,
+        # Shared memory (compiled for sm_90): 164 KB tf32x3 / 99 KB bf16x3 at g = 32 with two
+        # stages; g = 16 (128 key groups per step) needs one stage to fit 227 KB.
+        num_stages=2 if per_block * kbc <= 64 else 1,
     )
-    return (share, None) if routing is None else (share, scores)
+    if routing is None:
+        return mass, None
+    return (mass if need_share else None), scores
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -151,15 +183,14 @@ def block_mass_triton(
     group_size: int,
     scale: float | None = None,
     precision: str = DEFAULT_PRECISION,
+    single_pass: bool = DEFAULT_SINGLE_PASS,
 ) -> torch.Tensor:
     """Drop-in for :func:`pasa.estimate.block_mass` on CUDA: ``(B, S, H, D)`` tiled q, k ->
     ``(B, H, N, N)`` fp32 mass."""
-    from pasa.kernels.permute import gather_tokens
+    from pasa.kernels.permute import group_means
 
     seq = q.shape[1]
-    ident = torch.arange(seq, device=q.device)
-    _, qg = gather_tokens(q, ident, pool_group=group_size)
-    _, kg = gather_tokens(k, ident, pool_group=group_size)
+    qg, kg = group_means(q, k, group_size)
     mass, _ = grouped_block_estimate(
         qg,
         kg,
@@ -168,12 +199,15 @@ def block_mass_triton(
         group_size=group_size,
         scale=scale,
         precision=precision,
+        single_pass=single_pass,
     )
     return mass
 
 
 __all__ = [
     "DEFAULT_PRECISION",
+    "DEFAULT_SINGLE_PASS",
+    "PRECISIONS",
     "block_mass_triton",
     "grouped_block_estimate",
     "noise_key",

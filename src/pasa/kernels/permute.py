@@ -1,10 +1,11 @@
-"""Token re-ordering on GPU: one gather per tensor, with the group means of the estimate fused in."""
+"""Token re-ordering on GPU: one gather per tensor, with the group means of the estimate fused in;
+and the group means alone, of q and k in one launch, for inputs already in tiled order."""
 
 from __future__ import annotations
 
 import torch
 
-from pasa.kernels._triton_kernels import gather_pool_kernel
+from pasa.kernels._triton_kernels import gather_pool_kernel, group_mean_kernel
 
 # Elements one program moves; a power of two that keeps the tile in registers.
 _TILE_ELEMENTS = 16384
@@ -64,3 +65,47 @@ def gather_tokens(
         num_warps=8,
     )
     return out, pooled
+
+
+def group_means(
+    q: torch.Tensor, k: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group means of q and k (already in tiled order), one launch, each element read once.
+
+    The CUDA twin of :func:`pasa.estimate.group_pool` applied to q and to k.
+
+    Args:
+        q, k: ``(B, S, H, D)``, any strides with the last dim contiguous, on CUDA.
+    Returns:
+        ``(B, H, NG, D)`` fp32 means of q and of k, ``NG = ceil(S / group_size)`` (the last group
+        may be short).
+    """
+    if q.shape != k.shape:
+        raise ValueError(f"q and k must have the same shape, got {tuple(q.shape)} {tuple(k.shape)}")
+    if group_size & (group_size - 1):
+        raise ValueError(f"group_size must be a power of two here, got {group_size}")
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    batch, seq, heads, dim = q.shape
+    num_groups = -(-seq // group_size)
+    qg = torch.empty((batch, heads, num_groups, dim), dtype=torch.float32, device=q.device)
+    kg = torch.empty_like(qg)
+    block_d = _next_pow2(dim)
+    hb = max(1, min(_next_pow2(heads), _TILE_ELEMENTS // (_next_pow2(group_size) * block_d)))
+    group_mean_kernel[(num_groups, -(-heads // hb), 2 * batch)](
+        q,
+        k,
+        qg,
+        kg,
+        seq,
+        heads,
+        num_groups,
+        *q.stride()[:3],
+        *k.stride()[:3],
+        D=dim,
+        GROUP=group_size,
+        HB=hb,
+        BLOCK_D=block_d,
+        num_warps=8,
+    )
+    return qg, kg

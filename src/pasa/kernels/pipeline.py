@@ -2,6 +2,8 @@
 
 Per call, memory traffic is one read and one write of q, k, v (re-ordering, with the group means
 taken on the way) and of the output (restoring the order); the estimate reads only group means.
+Inputs already in tiled order (``sparse_attention(..., tiled=True)``) skip the re-ordering; their
+group means come from :func:`group_means` (q and k read once, one launch).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import torch
 from pasa.config import PASAConfig
 from pasa.kernels.estimate_triton import grouped_block_estimate, noise_key, supports
 from pasa.kernels.permute import gather_tokens
+from pasa.kernels.permute import group_means as _group_means
 from pasa.kernels.route_triton import full_plan_tensors, route_from_scores
 from pasa.layout import TokenLayout
 from pasa.plan import BlockPlan
@@ -39,6 +42,13 @@ def to_tiled(
     kt, kg = gather_tokens(k, layout.perm, pool_group=group_size)
     vt, _ = gather_tokens(v, layout.perm)
     return qt, kt, vt, qg, kg
+
+
+def group_means(
+    q: torch.Tensor, k: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, H, NG, D)`` fp32 group means of tiled ``(B, S, H, D)`` q and k (one launch)."""
+    return _group_means(q, k, group_size)
 
 
 def from_tiled(out: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
@@ -81,5 +91,6 @@ def plan_from_means(
             "temperature": float(config.temperature),
             "mass_floor": _MASS_FLOOR,
         },
+        need_share=config.selection == "top_p",  # top-k ranks the scores alone
     )
     return route_from_scores(share, scores, layout=layout, config=config, density=density)

@@ -1,6 +1,14 @@
 """Block routing on GPU without host synchronisation, plans identical to pasa/route.py.
 
-pasa/route.py finds one top-p threshold for the whole call by 32 bisection steps over a full
+``top_k``: one kernel, no sort. Per row a radix select (32 masked counts over the row's keys,
+held in registers for N <= 2048) finds the count-th largest key; the row keeps the keys above it and,
+of the keys equal to it, the lowest-indexed ones; a prefix count places the selected blocks in
+ascending order. Exact ties are the only place where this can differ from pasa/route.py's
+``argsort`` (forced ``+inf`` blocks always fit in the count; other exact ties need equal noisy
+scores, in practice rows whose mass underflowed with ``temperature=0``): lower block index wins,
+which is what a stable descending sort keeps.
+
+``top_p``: pasa/route.py finds one top-p threshold for the whole call by 32 bisection steps over a full
 ``argsort``; here the same plan comes from one row sort per query block (in registers), one
 ``cumsum`` and one order statistic:
 
@@ -19,12 +27,16 @@ import math
 from functools import lru_cache
 
 import torch
+import triton
 
 from pasa.config import PASAConfig
-from pasa.kernels._triton_kernels import build_plan_kernel, rank_row_kernel
+from pasa.kernels._route_kernels import build_plan_kernel, rank_row_kernel, topk_plan_kernel
 from pasa.layout import TokenLayout
 from pasa.plan import BlockPlan
 from pasa.route import _count_bounds, forced_blocks
+
+# Widest row the top-k kernel keeps in registers; longer rows are streamed in pieces this wide.
+_TOPK_CHUNK = 2048
 
 
 @lru_cache(maxsize=64)
@@ -54,7 +66,7 @@ def _bounds(
 
 
 def route_from_scores(
-    share: torch.Tensor,
+    share: torch.Tensor | None,
     scores: torch.Tensor,
     *,
     layout: TokenLayout,
@@ -64,7 +76,8 @@ def route_from_scores(
     """The plan pasa/route.py's :func:`select_blocks` makes from these routing keys.
 
     Args:
-        share: ``(B, H, N, N)`` fp32 floored row share of block mass (route.py's ``share``).
+        share: ``(B, H, N, N)`` fp32 floored row share of block mass (route.py's ``share``);
+            only read by ``top_p`` (None is fine for ``top_k``).
         scores: ``(B, H, N, N)`` fp32 ``log share + tau * Gumbel``, forced blocks ``+inf``.
         density: target mean density, < 1.
     Returns:
@@ -75,10 +88,13 @@ def route_from_scores(
     lo, hi, eligible, lo_total, eligible_total = _bounds(
         n, layout.first_text_block, config.min_blocks, config.max_blocks, str(scores.device)
     )
+    if config.selection == "top_k":
+        count = round(density * n)  # route.py's count rule, clamped per row in the kernel
+        return BlockPlan(*topk_plan(scores, lo, hi, count), layout)
+    # top_p: rank every row (bitonic sort in registers), then one global threshold.
     block = max(16, 1 << (n - 1).bit_length())
-    top_p = config.selection == "top_p"
     order = torch.empty((batch, heads, n, n), dtype=torch.int32, device=scores.device)
-    ranked = torch.empty_like(share) if top_p else share
+    ranked = torch.empty_like(share)
     rank_row_kernel[(rows,)](
         scores.contiguous(),
         share.contiguous(),
@@ -86,22 +102,20 @@ def route_from_scores(
         ranked,
         n,
         BLOCK=block,
-        RANKED=top_p,
+        RANKED=True,
         num_warps=4,
     )
-    cum, thr = share, share
-    if top_p:
-        cum = ranked.cumsum(-1)  # same op and order as route.py: identical sums
-        need = math.ceil(density * rows * n - batch * heads * lo_total)
-        if need <= 0:
-            thr = torch.full((1,), float("-inf"), device=scores.device)
-        elif need > batch * heads * eligible_total:
-            thr = torch.full((1,), float("inf"), device=scores.device)
-        else:
-            # K-th smallest eligible value by a full sort (torch.topk with k in the millions is
-            # the suspected cause of an illegal memory access seen on torch 2.11 / H100).
-            vals = torch.where(eligible, cum, float("inf")).view(-1)
-            thr = vals.sort().values[need - 1].view(1)
+    cum = ranked.cumsum(-1)  # same op and order as route.py: identical sums
+    need = math.ceil(density * rows * n - batch * heads * lo_total)
+    if need <= 0:
+        thr = torch.full((1,), float("-inf"), device=scores.device)
+    elif need > batch * heads * eligible_total:
+        thr = torch.full((1,), float("inf"), device=scores.device)
+    else:
+        # K-th smallest eligible value by a full sort (torch.topk with k in the millions is
+        # the suspected cause of an illegal memory access seen on torch 2.11 / H100).
+        vals = torch.where(eligible, cum, float("inf")).view(-1)
+        thr = vals.sort().values[need - 1].view(1)
     kv_indices = torch.empty((batch, heads, n, n), dtype=torch.int32, device=scores.device)
     kv_counts = torch.empty((batch, heads, n), dtype=torch.int32, device=scores.device)
     build_plan_kernel[(rows,)](
@@ -114,11 +128,48 @@ def route_from_scores(
         kv_indices,
         kv_counts,
         n,
-        TOP_P=top_p,
+        TOP_P=True,
         BLOCK=block,
         num_warps=4,
     )
     return BlockPlan(kv_indices, kv_counts, layout)
+
+
+def topk_plan(
+    scores: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, count: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``clamp(count, lo, hi)`` key blocks of every row, by a radix select (no sort).
+
+    Args:
+        scores: ``(B, H, N, N)`` fp32 routing keys (forced blocks ``+inf``).
+        lo, hi: ``(N,)`` int32 count floor / ceiling per query block, ``1 <= lo <= hi <= N``.
+    Returns:
+        ``kv_indices (B, H, N, N)`` int32 (ascending, padded with the last selected index) and
+        ``kv_counts (B, H, N)`` int32.
+    """
+    batch, heads, n, _ = scores.shape
+    rows = batch * heads * n
+    scores = scores.contiguous()
+    kv_indices = torch.empty((batch, heads, n, n), dtype=torch.int32, device=scores.device)
+    kv_counts = torch.empty((batch, heads, n), dtype=torch.int32, device=scores.device)
+    chunk = min(_TOPK_CHUNK, max(16, 1 << (n - 1).bit_length()))
+    # ~4K keys per program: several short rows share one (fewer, fuller programs).
+    per_program = max(1, min(8, 4096 // chunk))
+    topk_plan_kernel[(triton.cdiv(rows, per_program),)](
+        scores,
+        lo,
+        hi,
+        count,
+        kv_indices,
+        kv_counts,
+        rows,
+        n,
+        ROWS=per_program,
+        CHUNK=chunk,
+        SINGLE=n <= chunk,
+        num_warps=8 if per_program * chunk >= 4096 else 4,
+    )
+    return kv_indices, kv_counts
 
 
 @lru_cache(maxsize=64)

@@ -1,0 +1,174 @@
+"""PASA's Triton kernels on CPU through Triton's interpreter (``TRITON_INTERPRET=1``).
+
+The interpreter is decided when kernels are defined, so the checks run in a subprocess of their
+own; the parent test skips cleanly when the interpreter cannot run a trivial kernel here. What
+this covers: indexing, masking, ragged edges, the radix select and the plan layout. What it does
+not: the bf16 products (the interpreter's bf16 ``tl.dot`` is wrong, so the block sums use fp32
+there) and performance; tests/test_gpu_backends.py holds those on CUDA.
+
+Shapes are tiny (<= 10 blocks): the interpreter runs every program in Python.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import pasa
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+in_child = pytest.mark.skipif(
+    not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 subprocess of test_kernels_interpreted"
+)
+# (grid, text tokens): ragged last block with text; 3 blocks exactly-ish; one frame, odd width.
+CASES = [((4, 16, 20), 5), ((3, 10, 12), 0), ((1, 7, 97), 13)]
+
+_PROBE = """
+import torch, triton, triton.language as tl
+@triton.jit
+def k(x):
+    i = tl.arange(0, 16)
+    tl.store(x + i, tl.cumsum(tl.load(x + i), 0))
+x = torch.ones(16)
+k[(1,)](x)
+assert x[-1].item() == 16
+"""
+
+
+def _child_env() -> dict:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    src = str(Path(pasa.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
+    return env
+
+
+def test_kernels_interpreted():
+    if INTERPRETED:
+        pytest.skip("this is the interpreted subprocess itself")
+    pytest.importorskip("triton")
+    probe = subprocess.run(
+        [sys.executable, "-c", _PROBE], env=_child_env(), capture_output=True, text=True
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"Triton's interpreter does not run here: {probe.stderr.strip()[-300:]}")
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
+        env=_child_env(),
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+
+
+def _qk(grid, text, heads=2, dim=64, batch=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    seq = grid[0] * grid[1] * grid[2] + text
+    return [
+        torch.randn(batch, seq, heads, dim, generator=g).mul(1.5).to(torch.bfloat16)
+        for _ in range(2)
+    ]
+
+
+@in_child
+@pytest.mark.parametrize("group_size", [16, 32, 128])
+def test_group_means_match_group_pool(group_size):
+    from pasa.estimate import group_pool
+    from pasa.kernels.permute import group_means
+
+    q, k = _qk((3, 10, 12), 7)
+    qg, kg = group_means(q, k.transpose(1, 2).contiguous().transpose(1, 2), group_size)
+    assert torch.allclose(qg, group_pool(q, group_size)[0], rtol=1e-6, atol=1e-6)
+    assert torch.allclose(kg, group_pool(k, group_size)[0], rtol=1e-6, atol=1e-6)
+
+
+@in_child
+@pytest.mark.parametrize("single_pass", [True, False])
+@pytest.mark.parametrize("group_size", [16, 32, 128])
+@pytest.mark.parametrize("grid,text", CASES[:2])
+def test_block_mass_matches_torch(grid, text, group_size, single_pass):
+    from pasa.estimate import block_mass
+    from pasa.kernels.estimate_triton import block_mass_triton
+    from pasa.layout import make_layout
+
+    layout = make_layout(grid, num_text_tokens=text)
+    q, k = (layout.to_blocks(t) for t in _qk(grid, text))
+    ref = block_mass(q, k, block_size=128, group_size=group_size)
+    got = block_mass_triton(q, k, block_size=128, group_size=group_size, single_pass=single_pass)
+    assert ((got - ref).abs() <= 1e-3 * ref.abs() + 1e-7).all()
+
+
+@in_child
+@pytest.mark.parametrize(
+    "selection,min_blocks,max_blocks", [("top_k", 1, None), ("top_k", 3, 4), ("top_p", 2, 6)]
+)
+@pytest.mark.parametrize("grid,text", CASES)
+def test_plan_matches_route(grid, text, selection, min_blocks, max_blocks):
+    """Fused estimate + routing kernels give pasa/route.py's plan (temperature > 0: no ties)."""
+    from pasa.estimate import block_mass
+    from pasa.kernels.permute import group_means
+    from pasa.kernels.pipeline import plan_from_means
+    from pasa.layout import make_layout
+    from pasa.route import select_blocks
+
+    config = pasa.PASAConfig(
+        density=0.35, selection=selection, min_blocks=min_blocks, max_blocks=max_blocks, seed=4
+    )
+    layout = make_layout(grid, num_text_tokens=text)
+    q, k = (layout.to_blocks(t) for t in _qk(grid, text, batch=2))
+    qg, kg = group_means(q, k, config.group_size)
+    where = dict(layout=layout, config=config, density=0.35, step=3, layer=1)
+    got = plan_from_means(qg, kg, head_offset=2, **where)
+    mass = block_mass(q, k, block_size=128, group_size=32)
+    ref = select_blocks(mass, head_offset=2, **where)
+    assert torch.equal(got.kv_counts, ref.kv_counts)
+    assert torch.equal(got.kv_indices, ref.kv_indices)
+
+
+@in_child
+def test_topk_ties_lower_index_wins():
+    """Equal keys (zero mass, temperature 0): the lowest-indexed blocks fill the count."""
+    from pasa.kernels.route_triton import topk_plan
+
+    n = 9
+    scores = torch.zeros(1, 2, n, n)
+    scores[0, 1, :, 5:] = 1.0  # head 1: blocks 5.. above the rest
+    scores[..., torch.arange(n), torch.arange(n)] = float("inf")  # diagonal forced
+    lo = torch.ones(n, dtype=torch.int32)
+    hi = torch.full((n,), n, dtype=torch.int32)
+    idx, cnt = topk_plan(scores, lo, hi, 3)
+    assert (cnt == 3).all()
+    for row in range(n):
+        want0 = sorted({row, *[j for j in range(n) if j != row][:2]})
+        want1 = sorted({row, *[j for j in range(5, n) if j != row][:2]})
+        assert idx[0, 0, row, :3].tolist() == want0
+        assert idx[0, 1, row, :3].tolist() == want1
+        assert (idx[0, :, row, 3:] == idx[0, :, row, 2:3]).all()  # padding repeats the last
+
+
+@in_child
+def test_topk_long_rows_streamed():
+    """Rows longer than the register chunk take the streamed path; same plan."""
+    from pasa.kernels import route_triton
+    from pasa.kernels.route_triton import topk_plan
+
+    g = torch.Generator().manual_seed(1)
+    n = 40
+    scores = torch.randn(1, 1, n, n, generator=g)
+    scores[..., torch.arange(n), torch.arange(n)] = float("inf")
+    scores[0, 0, 3, 10:20] = 0.5  # exact ties across chunk borders
+    lo = torch.ones(n, dtype=torch.int32)
+    hi = torch.full((n,), n, dtype=torch.int32)
+    want = topk_plan(scores, lo, hi, 13)
+    old = route_triton._TOPK_CHUNK
+    route_triton._TOPK_CHUNK = 16  # 40 keys -> three chunks
+    try:
+        got = topk_plan(scores, lo, hi, 13)
+    finally:
+        route_triton._TOPK_CHUNK = old
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
