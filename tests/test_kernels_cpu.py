@@ -99,7 +99,11 @@ def test_block_mass_matches_torch(grid, text, group_size, single_pass):
     layout = make_layout(grid, num_text_tokens=text)
     q, k = (layout.to_blocks(t) for t in _qk(grid, text))
     ref = block_mass(q, k, block_size=128, group_size=group_size)
-    got = block_mass_triton(q, k, block_size=128, group_size=group_size, single_pass=single_pass)
+    # tf32x3: Triton's interpreter computes bf16 dots wrongly, so the default bf16x3 is held to
+    # the same bound on the GPU only (tests/test_gpu_backends.py).
+    got = block_mass_triton(
+        q, k, block_size=128, group_size=group_size, single_pass=single_pass, precision="tf32x3"
+    )
     assert ((got - ref).abs() <= 1e-3 * ref.abs() + 1e-7).all()
 
 
