@@ -56,22 +56,25 @@ def _wan(grid: tuple[int, int, int]) -> tuple[torch.nn.Module, dict]:
     return model, inputs
 
 
+# Tiny HunyuanVideo: one block of each kind, 2 heads of 10, patch 1 (sizes of diffusers' tests).
+HUNYUAN_TINY = dict(
+    in_channels=4,
+    out_channels=4,
+    num_attention_heads=2,
+    attention_head_dim=10,
+    num_layers=1,
+    num_single_layers=1,
+    num_refiner_layers=1,
+    patch_size=1,
+    patch_size_t=1,
+    text_embed_dim=16,
+    pooled_projection_dim=8,
+    rope_axes_dim=(2, 4, 4),
+)
+
+
 def _hunyuan(grid: tuple[int, int, int], text_valid: tuple[int, int] = (5, 3)):
-    model = HunyuanVideoTransformer3DModel(
-        in_channels=4,
-        out_channels=4,
-        num_attention_heads=2,
-        attention_head_dim=10,
-        num_layers=1,
-        num_single_layers=1,
-        num_refiner_layers=1,
-        patch_size=1,
-        patch_size_t=1,
-        guidance_embeds=True,
-        text_embed_dim=16,
-        pooled_projection_dim=8,
-        rope_axes_dim=(2, 4, 4),
-    )
+    model = HunyuanVideoTransformer3DModel(**HUNYUAN_TINY, guidance_embeds=True)
     f, h, w = grid
     text = 6
     mask = torch.zeros(2, text, dtype=torch.long)
@@ -313,20 +316,7 @@ def test_hunyuan_token_replace_keeps_per_call_order() -> None:
     """HunyuanVideo I2V (token_replace) modulates the first frame's tokens by position: no stream."""
     torch.manual_seed(0)
     model = HunyuanVideoTransformer3DModel(
-        in_channels=4,
-        out_channels=4,
-        num_attention_heads=2,
-        attention_head_dim=10,
-        num_layers=1,
-        num_single_layers=1,
-        num_refiner_layers=1,
-        patch_size=1,
-        patch_size_t=1,
-        guidance_embeds=False,
-        text_embed_dim=16,
-        pooled_projection_dim=8,
-        rope_axes_dim=(2, 4, 4),
-        image_condition_type="token_replace",
+        **HUNYUAN_TINY, guidance_embeds=False, image_condition_type="token_replace"
     ).eval()
     _, inputs = _hunyuan(GRIDS[0])
     del inputs["guidance"]
