@@ -1,13 +1,35 @@
-"""Trainer (tiny model on CPU): runs, resumes bit-exactly, exports; sampler shapes and seeds."""
+"""Trainer (tiny model on CPU): runs, resumes bit-exactly, exports; the compact state in parts
+(codecs, hashes, resume within noise); sampler shapes and seeds."""
 
 import json
+import shutil
+import statistics
 
 import pytest
 import torch
 
-from pasa.testbed.model import TINY, build_model, load_testbed
+from pasa.testbed.model import TESTBED, TINY, build_model, count_parameters, load_testbed
 from pasa.testbed.sample import sample
-from pasa.testbed.train import Trainer, build_parser, main
+from pasa.testbed.train import (
+    BLOCK,
+    PART_BYTES,
+    STATE_BUDGET_BYTES,
+    StateError,
+    Trainer,
+    build_parser,
+    compact_weights_codec,
+    decode_fp24,
+    decode_log8,
+    decode_q8,
+    encode_fp24,
+    encode_log8,
+    encode_q8,
+    estimate_state_bytes,
+    lr_at,
+    main,
+    read_state_parts,
+    write_state_parts,
+)
 
 
 def _args(out, *extra):
@@ -64,3 +86,160 @@ def test_sampler_shape_seed_and_callback():
     assert len(a.steps) == 3 and a.steps[-1].t_next == 0.0
     small = sample(model, TINY, "", seed=0, num_steps=1, frames=2, height=16, width=24)
     assert small.frames.shape == (3, 2, 16, 24)
+
+
+# -- the compact state (--state-out / --resume-from) -------------------------------------------
+
+
+def test_codecs_error_bounds():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3000, generator=gen) * torch.logspace(-6, 0, 3000)
+    x[::97] = 0.0
+    w = decode_fp24(encode_fp24(x), x.shape)
+    assert ((w - x).abs() <= x.abs() * 2.0**-16).all()
+    exact = torch.tensor([0.0, 1.0, -2.5, 3.0, 1 / 1024, -(2.0**-100)])  # low 8 bits all zero
+    assert torch.equal(decode_fp24(encode_fp24(exact), exact.shape), exact)
+    q, s = encode_q8(x)
+    err = (decode_q8(q, s, x.shape) - x).abs().view(-1)
+    block_max = torch.nn.functional.pad(x.abs(), (0, (-x.numel()) % BLOCK)).view(-1, BLOCK)
+    bound = block_max.amax(1).repeat_interleave(BLOCK)[: x.numel()] / 254
+    assert (err <= bound * 1.0001).all() and q.dtype == torch.int8 and q.numel() == x.numel()
+    v = x.abs()
+    c, lo, hi = encode_log8(v)
+    back = decode_log8(c, lo, hi, v.shape)
+    assert torch.equal(back == 0, v == 0)  # zeros, and only zeros, are exact zeros
+    octaves = ((hi - lo) / 254).repeat_interleave(BLOCK)[: v.numel()]
+    nz = v > 0
+    assert ((back[nz] / v[nz]).log2().abs() <= octaves[nz] / 2 + 1e-5).all()
+
+
+def test_state_parts_round_trip(tmp_path):
+    tensors = {"a": torch.randn(700), "b": torch.arange(300, dtype=torch.int8), "c": torch.eye(5)}
+    manifest = write_state_parts(tensors, {"step": 7}, tmp_path, part_bytes=1000)
+    parts = sorted(tmp_path.glob("state.part*"))
+    assert [p.name for p in parts] == [p["name"] for p in manifest["parts"]]
+    assert len(parts) == -(-manifest["total_bytes"] // 1000) >= 4
+    assert all(p.stat().st_size <= 1000 for p in parts)
+    back, read = read_state_parts(tmp_path)
+    assert back.keys() == tensors.keys() and read["step"] == 7
+    assert all(torch.equal(back[k], v) for k, v in tensors.items())
+    # A smaller later save leaves no stale parts behind.
+    write_state_parts({"a": torch.zeros(3)}, {"step": 8}, tmp_path, part_bytes=1000)
+    assert [p.name for p in tmp_path.glob("state.part*")] == ["state.part00"]
+    assert read_state_parts(tmp_path)[1]["step"] == 8
+
+
+def test_missing_or_corrupt_state_is_named(tmp_path):
+    src = tmp_path / "src"
+    write_state_parts({"a": torch.randn(1000)}, {"step": 1}, src, part_bytes=1500)
+
+    def damaged(name, change):
+        d = tmp_path / name
+        shutil.copytree(src, d)
+        change(d)
+        return d
+
+    def flip(path):
+        data = bytearray(path.read_bytes())
+        data[10] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+    cases = [
+        (lambda d: (d / "state.part01").unlink(), r"state\.part01 missing .*lists 3 parts"),
+        (lambda d: flip(d / "state.part00"), r"state\.part00 is corrupt"),
+        (lambda d: (d / "state.part02").write_bytes(b"x"), r"state\.part02 is corrupt: 1 bytes"),
+        (lambda d: (d / "state.manifest.json").unlink(), r"state\.manifest\.json is missing"),
+        (lambda d: (d / "state.manifest.json").write_text("{"), "not a readable state manifest"),
+    ]
+    for i, (change, message) in enumerate(cases):
+        with pytest.raises(StateError, match=message):
+            read_state_parts(damaged(f"case{i}", change))
+    with pytest.raises(StateError, match="no training state"):
+        Trainer(_args(tmp_path / "run", "--resume-from", str(tmp_path / "nowhere")))
+
+
+def test_compact_resume_continues(tmp_path):
+    n, k = 12, 6
+    straight = Trainer(_args(tmp_path / "a", "--total-steps", str(n)))
+    losses = [straight.train_step() for _ in range(n)]
+    first = Trainer(_args(tmp_path / "b", "--total-steps", str(n), "--state-weights", "fp24"))
+    for _ in range(k):
+        first.train_step()
+    manifest = first.save_compact(tmp_path / "state")
+    assert manifest["codecs"]["weights"] == "fp24" and manifest["data_cursor"]["next_step"] == k
+    second = Trainer(_args(tmp_path / "c", "--total-steps", str(n), "--resume-from",
+                           str(tmp_path / "state")))  # fmt: skip
+    assert (second.step, second.samples) == (k, first.samples)
+    for a, b in zip(first.model.parameters(), second.model.parameters(), strict=True):
+        assert ((a - b).abs() <= a.abs() * 2.0**-16).all()  # fp24: 16 significant bits
+    pairs = zip(
+        first.ema.parameters(), second.ema.parameters(), first.model.parameters(), strict=True
+    )
+    for e, f, w in pairs:  # int8 codes of ema - weights: error <= max |ema - weights| / 254
+        assert (e - f).abs().max() <= (e - w).abs().max() / 200
+    for p, q in zip(first.model.parameters(), second.model.parameters(), strict=True):
+        so, sr = first.opt.state[p], second.opt.state[q]
+        assert float(sr["step"]) == k
+        assert torch.allclose(sr["exp_avg_sq"], so["exp_avg_sq"], rtol=0.06, atol=0)
+    out = second.run()
+    assert second.step == n and second.samples == straight.samples
+    resumed = [row["loss"] for row in out["log"]]
+    noise = statistics.pstdev(losses[k:])
+    # measured 1.4e-6 against a step-to-step spread of 0.09; a fresh optimizer gives 7.5e-3
+    assert max(abs(a - b) for a, b in zip(resumed, losses[k:], strict=True)) < noise / 1000
+
+
+def test_compact_state_at_step_zero_is_lossless(tmp_path):
+    # Nothing lossy at step 0: fp32 weights (the tiny state fits), EMA equal to the weights, no
+    # optimizer moments yet; the resumed run then matches an uninterrupted one bit for bit.
+    assert main([*_cli(tmp_path / "a"), "--max-minutes", "0", "--state-out",
+                 str(tmp_path / "s")]) == 0  # fmt: skip
+    straight = Trainer(_args(tmp_path / "b", "--total-steps", "3"))
+    straight.run()
+    resumed = Trainer(_args(tmp_path / "c", "--total-steps", "3", "--resume-from",
+                            str(tmp_path / "s")))  # fmt: skip
+    resumed.run()
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(straight.ema.parameters(), resumed.ema.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_cli_state_out_carries_log_and_export_record(tmp_path):
+    st1, st2 = tmp_path / "st1", tmp_path / "st2"
+    assert main([*_cli(tmp_path / "m1"), "--total-steps", "3", "--log-every", "1",
+                 "--state-out", str(st1)]) == 0  # fmt: skip
+    assert main([*_cli(tmp_path / "m2"), "--total-steps", "5", "--log-every", "1",
+                 "--resume-from", str(st1), "--state-out", str(st2)]) == 0  # fmt: skip
+    rows = [json.loads(line) for line in (st2 / "log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3, 4, 5]
+    manifest = json.loads((st2 / "state.manifest.json").read_text())
+    assert manifest["step"] == 5 and manifest["trained_by"]["batch_size_per_rank"] == 2
+    # Export on another machine without training: the record describes the run, not this call.
+    ckpt = tmp_path / "export" / "testbed.safetensors"
+    assert main(["--out", str(tmp_path / "m3"), "--preset", "tiny", "--device", "cpu",
+                 "--batch-size", "9", "--resume-from", str(st2), "--max-minutes", "0",
+                 "--export", str(ckpt)]) == 0  # fmt: skip
+    _model, _config, record = load_testbed(ckpt)
+    assert record["training"]["steps"] == 5 and record["training"]["batch_size_per_rank"] == 2
+    # --resume prefers the warm machine's OUT/state.pt over --resume-from.
+    warm = Trainer(_args(tmp_path / "m2", "--resume", "--resume-from", str(st1)))
+    assert warm.step == 5 and [row["step"] for row in warm.history] == [1, 2, 3, 4, 5]
+
+
+def test_full_testbed_state_fits_the_carry_budget():
+    model = build_model(TESTBED)
+    assert count_parameters(model) == 9_147_840
+    assert compact_weights_codec(model, ema=True) == "fp24"
+    size = estimate_state_bytes(model, "fp24")
+    assert size <= STATE_BUDGET_BYTES and -(-size // PART_BYTES) == 4  # 53.1 MiB in 4 parts
+
+
+def test_lr_decay_over_the_last_steps_only():
+    base = ["--out", "x", "--warmup", "10", "--total-steps", "110"]
+    whole = build_parser().parse_args(base)
+    tail = build_parser().parse_args([*base, "--decay-steps", "20"])
+    assert lr_at(9, whole) == lr_at(9, tail) == whole.lr
+    assert lr_at(60, whole) == pytest.approx(whole.lr * 0.55) and lr_at(60, tail) == tail.lr
+    assert lr_at(90, tail) == tail.lr and lr_at(100, tail) == pytest.approx(tail.lr * 0.55)
+    assert lr_at(110, whole) == lr_at(110, tail) == pytest.approx(whole.lr * 0.1)

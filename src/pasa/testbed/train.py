@@ -1,6 +1,7 @@
 """Flow-matching trainer for the testbed model; resumable, time-budgeted, DDP under torchrun.
 
-    torchrun --nproc-per-node 4 -m pasa.testbed.train --out /ckpt/run1 --max-minutes 8.5 --resume
+    torchrun --nproc-per-node 4 -m pasa.testbed.train --out /tmp/run --max-minutes 8.5 \
+        --resume-from .train --state-out $OUT
 
 Every random draw is keyed by a counter, not by hidden RNG state: the clips of step s on rank r are
 ``clip_indices(s, rank=r)`` of stream ``--data-seed``, and the times, noise and caption dropout of
@@ -9,12 +10,26 @@ exactly what an uninterrupted one would (on CPU the weights are bit-identical). 
 stops cleanly before the limit and writes ``state.pt`` (model, EMA, optimizer, step, elapsed time,
 arguments) atomically; ``--resume`` continues from it. ``--export`` writes the EMA weights as a
 bf16 testbed checkpoint (see :mod:`pasa.testbed.model`).
+
+``--state-out DIR`` also writes the *compact* state, small enough to leave a GPU machine and come
+back in the next call (docs/testbed-training.md): ``state.partNN`` files of at most 15 MiB, a JSON
+manifest with each part's sha256, and the whole ``log.jsonl``; ``--resume-from DIR`` continues
+from it. Its codecs (the 16 bytes a parameter of ``state.pt`` become about 6):
+
+- weights: fp32 (lossless) where the whole state fits 56 MiB, else fp24 (top 3 bytes, rounded:
+  relative error <= 2^-16, 128x finer than the bf16 copy the forward computes with);
+- EMA: int8 codes of ``ema - weights`` per 256 values (exact where they are equal);
+- AdamW ``exp_avg_sq``: its square root in 8-bit log codes per 256 values (zeros exact);
+- AdamW ``exp_avg``: int8 codes of ``exp_avg / (sqrt(exp_avg_sq) + eps)``, the normalised update
+  Adam applies (bounded by about 2.4 for betas 0.9, 0.99), per 256 values;
+- step, samples, elapsed time, config, arguments, data cursor: exact (JSON in the manifest).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import os
@@ -44,6 +59,219 @@ STATE_FILE = "state.pt"
 _SAVE_MARGIN_S = 30.0  # stop this long before --max-minutes: time to write the checkpoint
 
 
+# -- the compact state: what travels between calls -------------------------------------------
+
+MANIFEST_FILE = "state.manifest.json"
+PART_PREFIX = "state.part"
+PART_BYTES = 15 * 2**20  # each part <= 15 MiB (a device call returns files of <= 16 MiB)
+STATE_BUDGET_BYTES = 56 * 2**20  # what a call can carry beside the repo and the wheels
+COMPACT_FORMAT = "pasa-testbed-train-state"
+COMPACT_VERSION = 1
+BLOCK = 256  # elements per scale of the 8-bit codes
+_LOG_RANGE_OCTAVES = 40.0  # log-8 codes span at most 2^-40 .. 1 of a block's largest value
+
+
+class StateError(RuntimeError):
+    """A compact training state is missing, incomplete, corrupt or does not fit this run."""
+
+
+def _blocks(x: torch.Tensor) -> torch.Tensor:
+    flat = x.detach().float().reshape(-1)
+    return F.pad(flat, (0, (-flat.numel()) % BLOCK)).view(-1, BLOCK)
+
+
+def _unblock(blocks: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    return blocks.reshape(-1)[: math.prod(shape)].reshape(shape)
+
+
+def _pad_codes(codes: torch.Tensor) -> torch.Tensor:
+    return F.pad(codes.reshape(-1).float(), (0, (-codes.numel()) % BLOCK)).view(-1, BLOCK)
+
+
+def encode_fp24(x: torch.Tensor) -> torch.Tensor:
+    """fp32 -> the top 3 bytes (sign, exponent, 15 mantissa bits), rounded to nearest:
+    relative error <= 2^-16; exact for values whose low 8 bits are zero. ``(n, 3)`` uint8."""
+    bits = (
+        x.detach().float().contiguous().reshape(-1).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    )
+    finite = (bits & 0x7F800000) != 0x7F800000
+    bits = torch.where(finite, torch.clamp(bits + 0x80, max=0xFFFFFFFF), bits)
+    top = bits >> 8
+    return torch.stack([top & 0xFF, (top >> 8) & 0xFF, (top >> 16) & 0xFF], 1).to(torch.uint8)
+
+
+def decode_fp24(codes: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    c = codes.to(torch.int64)
+    bits = (c[:, 0] << 8) | (c[:, 1] << 16) | (c[:, 2] << 24)
+    bits = torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32)
+    return bits.view(torch.float32).reshape(shape)
+
+
+def encode_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Linear int8 codes with one fp32 scale (block max / 127) per ``BLOCK`` elements: absolute
+    error <= scale / 2; exact for zeros."""
+    b = _blocks(x)
+    scale = b.abs().amax(1) / 127
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = (b / safe[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return codes.reshape(-1)[: x.numel()], scale
+
+
+def decode_q8(codes: torch.Tensor, scale: torch.Tensor, shape) -> torch.Tensor:
+    return _unblock(_pad_codes(codes) * scale[:, None], shape)
+
+
+def encode_log8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Non-negative values as 8-bit logarithms: code 0 is exactly 0, codes 1..255 are 255
+    log-spaced levels from a block's smallest to its largest value (at most 40 octaves below
+    it): relative error <= 2^(range / 508) - 1, e.g. 1.1% over a 16-octave block. Returns
+    ``(codes uint8, lo, hi)`` with ``lo, hi`` the log2 range of each block."""
+    b = _blocks(x)
+    pos = b > 0
+    lg = torch.log2(torch.where(pos, b, torch.ones_like(b)))
+    hi = torch.where(pos, lg, torch.full_like(lg, -math.inf)).amax(1)
+    lo = torch.where(pos, lg, torch.full_like(lg, math.inf)).amin(1)
+    empty = ~pos.any(1)
+    hi = torch.where(empty, torch.zeros_like(hi), hi)
+    lo = torch.where(empty, hi, torch.maximum(lo, hi - _LOG_RANGE_OCTAVES))
+    step = _log8_step(lo, hi)
+    level = ((lg - lo[:, None]) / step[:, None]).round().clamp(0, 254)
+    codes = torch.where(pos, level + 1, torch.zeros_like(level)).to(torch.uint8)
+    return codes.reshape(-1)[: x.numel()], lo, hi
+
+
+def _log8_step(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    step = (hi - lo) / 254
+    return torch.where(step > 0, step, torch.ones_like(step))
+
+
+def decode_log8(codes: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, shape) -> torch.Tensor:
+    c = _pad_codes(codes)
+    value = torch.exp2(lo[:, None] + (c - 1) * _log8_step(lo, hi)[:, None])
+    return _unblock(torch.where(c > 0, value, torch.zeros_like(value)), shape)
+
+
+def compact_weights_codec(model: torch.nn.Module, *, ema: bool, optimizer: bool = True) -> str:
+    """``fp32`` (lossless) if the whole state then fits ``STATE_BUDGET_BYTES``, else ``fp24``."""
+    fp32 = estimate_state_bytes(model, "fp32", ema=ema, optimizer=optimizer)
+    return "fp32" if fp32 <= STATE_BUDGET_BYTES else "fp24"
+
+
+def estimate_state_bytes(
+    model: torch.nn.Module, weights: str, *, ema: bool = True, optimizer: bool = True
+) -> int:
+    """Size of the compact state's parts (tensor bytes plus an allowance for the header)."""
+    total = 0
+    for p in model.parameters():
+        n, nb = p.numel(), -(-p.numel() // BLOCK)
+        total += n * (4 if weights == "fp32" else 3) + 160
+        total += (n + 4 * nb + 160) if ema else 0
+        total += (2 * n + 12 * nb + 480) if optimizer else 0
+    return total
+
+
+def write_state_parts(
+    tensors: dict[str, torch.Tensor],
+    meta: dict,
+    directory: str | os.PathLike,
+    *,
+    part_bytes: int = PART_BYTES,
+) -> dict:
+    """Serialise ``tensors`` (safetensors) into ``state.partNN`` files of at most ``part_bytes``
+    and write ``state.manifest.json`` (``meta``, each part's size and sha256) last, atomically.
+    Stale parts of an earlier save are removed. Returns the manifest."""
+    from safetensors.torch import save
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    blob = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    chunks = [blob[i : i + part_bytes] for i in range(0, len(blob), part_bytes)] or [b""]
+    parts = [
+        {"name": f"{PART_PREFIX}{i:02d}", "bytes": len(c), "sha256": hashlib.sha256(c).hexdigest()}
+        for i, c in enumerate(chunks)
+    ]
+    manifest = {
+        "format": COMPACT_FORMAT,
+        "version": COMPACT_VERSION,
+        **meta,
+        "total_bytes": len(blob),
+        "sha256": hashlib.sha256(blob).hexdigest(),
+        "parts": parts,
+    }
+    # Everything goes to .tmp files first; then the old manifest goes, the parts are renamed and
+    # the new manifest comes last, so a save cut short leaves either the old state or no manifest.
+    for part, chunk in zip(parts, chunks, strict=True):
+        (directory / (part["name"] + ".tmp")).write_bytes(chunk)
+    (directory / (MANIFEST_FILE + ".tmp")).write_text(json.dumps(manifest, indent=1) + "\n")
+    (directory / MANIFEST_FILE).unlink(missing_ok=True)
+    for part in parts:
+        os.replace(directory / (part["name"] + ".tmp"), directory / part["name"])
+    os.replace(directory / (MANIFEST_FILE + ".tmp"), directory / MANIFEST_FILE)
+    keep = {p["name"] for p in parts}
+    for stale in directory.glob(PART_PREFIX + "*"):
+        if stale.name not in keep:
+            stale.unlink()
+    return manifest
+
+
+def read_state_parts(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and manifest of a state written by :func:`write_state_parts`; every part's
+    size and sha256 are checked. Raises :class:`StateError` naming what is missing or damaged."""
+    from safetensors.torch import load
+
+    directory = Path(directory)
+    path = directory / MANIFEST_FILE
+    if not path.is_file():
+        raise StateError(
+            f"no training state in {directory}: {MANIFEST_FILE} is missing (pass the folder that "
+            "holds every file a --state-out call returned)"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+        parts = manifest["parts"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StateError(f"{path} is not a readable state manifest: {exc}") from exc
+    if manifest.get("format") != COMPACT_FORMAT or manifest.get("version") != COMPACT_VERSION:
+        raise StateError(
+            f"{path} has format {manifest.get('format')!r} version {manifest.get('version')!r}; "
+            f"this trainer reads {COMPACT_FORMAT!r} version {COMPACT_VERSION}"
+        )
+    names = [p["name"] for p in parts]
+    missing = [n for n in names if not (directory / n).is_file()]
+    if missing:
+        raise StateError(
+            f"training state in {directory} is incomplete: {', '.join(missing)} missing (the "
+            f"manifest lists {len(names)} parts: {', '.join(names)}); copy every state.part* file "
+            "of the same call beside its manifest"
+        )
+    chunks = []
+    for part in parts:
+        data = (directory / part["name"]).read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        if len(data) != part["bytes"] or digest != part["sha256"]:
+            raise StateError(
+                f"{directory / part['name']} is corrupt: {len(data)} bytes, sha256 {digest[:16]}…; "
+                f"the manifest says {part['bytes']} bytes, sha256 {part['sha256'][:16]}… (a "
+                "truncated copy, or parts of different saves mixed)"
+            )
+        chunks.append(data)
+    blob = b"".join(chunks)
+    if hashlib.sha256(blob).hexdigest() != manifest.get("sha256"):
+        raise StateError(f"the parts in {directory} do not join to the state the manifest names")
+    try:
+        tensors = load(blob)
+    except Exception as exc:  # safetensors raises its own error types
+        raise StateError(f"the state in {directory} has damaged tensors ({exc})") from exc
+    return tensors, manifest
+
+
+def _read_log(path: Path, upto_step: int) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row for row in rows if row.get("step", 0) <= upto_step]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pasa.testbed.train", description=__doc__.split("\n")[0]
@@ -51,8 +279,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory (state.pt, log.jsonl)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="testbed")
     p.add_argument("--resume", action="store_true", help="continue from OUT/state.pt if present")
+    p.add_argument(
+        "--state-out",
+        default=None,
+        metavar="DIR",
+        help="also write the compact state (state.partNN, state.manifest.json, log.jsonl) here "
+        "at every save, e.g. $OUT",
+    )
+    p.add_argument(
+        "--resume-from",
+        default=None,
+        metavar="DIR",
+        help="continue from the compact state in DIR (when --resume found no OUT/state.pt)",
+    )
+    p.add_argument(
+        "--state-weights",
+        choices=("auto", "fp32", "fp24"),
+        default="auto",
+        help="weights in the compact state: fp32 if it then fits 56 MiB (auto), or as given",
+    )
     p.add_argument("--max-minutes", type=float, default=8.5, help="wall-clock budget of this call")
     p.add_argument("--total-steps", type=int, default=None, help="stop (and end the LR decay) here")
+    p.add_argument(
+        "--decay-steps",
+        type=int,
+        default=None,
+        help="cosine over the last N steps before --total-steps only (default: from warm-up)",
+    )
     p.add_argument("--batch-size", type=int, default=4, help="clips per rank at the largest size")
     p.add_argument("--sizes", default=None, help="pixel sizes, e.g. '256,128' (default: preset's)")
     p.add_argument("--size-weights", default=None, help="relative frequency of each size")
@@ -109,12 +362,15 @@ def _step_size(step: int, seed: int, sizes: list[int], weights: list[float]) -> 
 
 
 def lr_at(step: int, args: argparse.Namespace) -> float:
-    """Linear warm-up, then constant, or cosine down to 10% at ``--total-steps``."""
+    """Linear warm-up, then constant, or cosine down to 10% at ``--total-steps``: over the whole
+    run, or over its last ``--decay-steps`` only (constant before)."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
     if args.total_steps is None:
         return args.lr
-    progress = min(1.0, (step - args.warmup) / max(1, args.total_steps - args.warmup))
+    decay = getattr(args, "decay_steps", None)
+    start = args.warmup if decay is None else max(args.warmup, args.total_steps - decay)
+    progress = min(1.0, max(0.0, (step - start) / max(1, args.total_steps - start)))
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -146,8 +402,13 @@ class Trainer:
         )
         self.step, self.elapsed_s, self.samples = 0, 0.0, 0
         self.out = Path(args.out)
+        self.history: list[dict] = []  # log rows of earlier calls (carried in the compact state)
+        self.own_record = self._train_record()
+        self.trained_by = self.own_record  # who made the weights: this call, or the state's
         if args.resume and (self.out / STATE_FILE).is_file():
             self._load(self.out / STATE_FILE)
+        elif args.resume_from:
+            self._load_compact(Path(args.resume_from))
         net = self.model
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -166,6 +427,8 @@ class Trainer:
             "samples": self.samples,
             "config": asdict(self.config),
             "args": vars(self.args),
+            "trained_by": self.trained_by,
+            "history": self.history,
         }
 
     def _load(self, path: Path) -> None:
@@ -181,22 +444,12 @@ class Trainer:
             state["elapsed_s"],
             state["samples"],
         )
+        self.trained_by = state.get("trained_by", self.trained_by)
+        self.history = state.get("history") or _read_log(path.parent / "log.jsonl", self.step)
 
-    def save(self) -> None:
-        """Atomically write ``state.pt`` (rank 0), then wait for every rank."""
-        if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-            tmp = self.out / (STATE_FILE + ".tmp")
-            torch.save(self.state_dict(), tmp)
-            os.replace(tmp, self.out / STATE_FILE)
-        if self.world > 1:
-            dist.barrier()
-
-    def export(self, path: str | os.PathLike) -> Path:
-        """EMA (or live) weights as a bf16 testbed checkpoint with the training record."""
-        record = {
-            "steps": self.step,
-            "samples": self.samples,
+    def _train_record(self) -> dict:
+        """What the export's training record says of the run (besides steps and time)."""
+        return {
             "data_seed": self.args.data_seed,
             "seed": self.args.seed,
             "world_size": self.world,
@@ -205,11 +458,147 @@ class Trainer:
             "lr": self.args.lr,
             "ema": self.args.ema,
             "shift": self.args.shift,
-            "train_hours": round(self.elapsed_s / 3600, 3),
             "device": torch.cuda.get_device_name(self.device)
             if self.device.type == "cuda"
             else "cpu",
         }
+
+    def compact_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """The compact state's tensors and the manifest's metadata (see the module docstring)."""
+        codec = self.args.state_weights
+        if codec == "auto":
+            codec = compact_weights_codec(self.model, ema=self.ema is not None)
+        ema = dict(self.ema.named_parameters()) if self.ema is not None else {}
+        tensors: dict[str, torch.Tensor] = {}
+        steps = []
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                w = p.detach().float()
+                if codec == "fp24":
+                    tensors[f"w.{name}"] = encode_fp24(w)
+                    w = decode_fp24(tensors[f"w.{name}"], w.shape)
+                else:
+                    tensors[f"w.{name}"] = w
+                if name in ema:
+                    q, s = encode_q8(ema[name].float() - w)
+                    tensors[f"ema.{name}.q"], tensors[f"ema.{name}.s"] = q, s
+                st = self.opt.state.get(p, {})
+                if "exp_avg" not in st:
+                    steps.append(-1)
+                    continue
+                steps.append(int(st["step"]))
+                c, lo, hi = encode_log8(st["exp_avg_sq"].float().sqrt())
+                tensors[f"rms.{name}.c"], tensors[f"rms.{name}.lo"] = c, lo
+                tensors[f"rms.{name}.hi"] = hi
+                denom = decode_log8(c, lo, hi, p.shape) + self.opt.defaults["eps"]
+                q, s = encode_q8(st["exp_avg"].float() / denom)
+                tensors[f"upd.{name}.q"], tensors[f"upd.{name}.s"] = q, s
+        tensors["adam.step"] = torch.tensor(steps, dtype=torch.int64)
+        meta = {
+            "step": self.step,
+            "samples": self.samples,
+            "elapsed_s": self.elapsed_s,
+            "data_cursor": {"next_step": self.step, "samples": self.samples},
+            "rng": {
+                "seed": self.args.seed,
+                "data_seed": self.args.data_seed,
+                "keyed_by": "(seed, step, rank): no generator state to carry",
+            },
+            "config": asdict(self.config),
+            "args": vars(self.args),
+            "trained_by": self.trained_by,
+            "codecs": {
+                "weights": codec,
+                "ema": "int8 of ema - weights" if ema else None,
+                "exp_avg_sq": "log8 of sqrt",
+                "exp_avg": "int8 of exp_avg / (sqrt(exp_avg_sq) + eps)",
+                "block": BLOCK,
+            },
+            "parameters": count_parameters(self.model),
+        }
+        return tensors, meta
+
+    def _load_compact(self, directory: Path) -> None:
+        tensors, manifest = read_state_parts(directory)
+        if manifest.get("config") != asdict(self.config):
+            raise StateError(
+                f"the state in {directory} was trained with a different config: "
+                f"{manifest.get('config')}"
+            )
+        codec = manifest["codecs"]["weights"]
+        names = [n for n, _ in self.model.named_parameters()]
+        if sorted(f"w.{n}" for n in names) != sorted(k for k in tensors if k.startswith("w.")):
+            raise StateError(f"the state in {directory} holds other parameters than this model")
+        ema = dict(self.ema.named_parameters()) if self.ema is not None else {}
+        steps = tensors["adam.step"].tolist()
+        opt_state = self.opt.state_dict()
+        with torch.no_grad():
+            for i, (name, p) in enumerate(self.model.named_parameters()):
+                w = tensors[f"w.{name}"]
+                w = decode_fp24(w, p.shape) if codec == "fp24" else w.reshape(p.shape)
+                p.copy_(w)
+                if name in ema:
+                    if f"ema.{name}.q" in tensors:
+                        delta = decode_q8(
+                            tensors[f"ema.{name}.q"], tensors[f"ema.{name}.s"], p.shape
+                        )
+                        ema[name].copy_(w + delta)
+                    else:  # a state saved without EMA: start the average at the weights
+                        ema[name].copy_(w)
+                if steps[i] < 0:
+                    continue
+                rms = decode_log8(tensors[f"rms.{name}.c"], tensors[f"rms.{name}.lo"],
+                                  tensors[f"rms.{name}.hi"], p.shape)  # fmt: skip
+                upd = decode_q8(tensors[f"upd.{name}.q"], tensors[f"upd.{name}.s"], p.shape)
+                opt_state["state"][i] = {
+                    "step": torch.tensor(float(steps[i])),
+                    "exp_avg": upd * (rms + self.opt.defaults["eps"]),
+                    "exp_avg_sq": rms * rms,
+                }
+        self.opt.load_state_dict(opt_state)
+        self.step, self.samples = manifest["step"], manifest["samples"]
+        self.elapsed_s = manifest["elapsed_s"]
+        self.trained_by = manifest.get("trained_by", self.trained_by)
+        self.history = _read_log(directory / "log.jsonl", self.step)
+        saved = manifest.get("args", {})
+        keys = ("seed", "data_seed", "batch_size", "sizes", "size_weights", "preset")
+        changed = {k: (saved.get(k), getattr(self.args, k)) for k in keys}
+        changed = {k: v for k, v in changed.items() if v[0] != v[1]}
+        if (changed or self.trained_by.get("world_size") != self.world) and self.rank == 0:
+            print(f"note: resuming step {self.step} with other data settings {changed}, world "
+                  f"{self.trained_by.get('world_size')} -> {self.world}")  # fmt: skip
+
+    def save(self) -> None:
+        """Atomically write ``state.pt`` and, with ``--state-out``, the compact state (rank 0),
+        then wait for every rank."""
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            tmp = self.out / (STATE_FILE + ".tmp")
+            torch.save(self.state_dict(), tmp)
+            os.replace(tmp, self.out / STATE_FILE)
+            if self.args.state_out:
+                self.save_compact(self.args.state_out)
+        if self.world > 1:
+            dist.barrier()
+
+    def save_compact(self, directory: str | os.PathLike) -> dict:
+        """Write the compact state's parts, manifest and the whole ``log.jsonl`` to ``directory``;
+        returns the manifest."""
+        tensors, meta = self.compact_state()
+        manifest = write_state_parts(tensors, meta, directory)
+        rows = "".join(json.dumps(row) + "\n" for row in self.history)
+        tmp = Path(directory) / "log.jsonl.tmp"
+        tmp.write_text(rows)
+        os.replace(tmp, Path(directory) / "log.jsonl")
+        if manifest["total_bytes"] > STATE_BUDGET_BYTES:
+            print(f"warning: compact state is {manifest['total_bytes'] / 2**20:.1f} MiB, over the "
+                  f"{STATE_BUDGET_BYTES / 2**20:.0f} MiB a call can carry")  # fmt: skip
+        return manifest
+
+    def export(self, path: str | os.PathLike) -> Path:
+        """EMA (or live) weights as a bf16 testbed checkpoint with the training record."""
+        record = {"steps": self.step, "samples": self.samples, **self.trained_by,
+                  "train_hours": round(self.elapsed_s / 3600, 3)}  # fmt: skip
         return save_testbed(self.ema or self.model, self.config, path, training=record)
 
     # -- training ------------------------------------------------------------------------
@@ -272,9 +661,11 @@ class Trainer:
                     e.lerp_(p, 1 - decay)
         self.step += 1
         self.samples += batch * self.world
+        self.trained_by = self.own_record
         return float(loss.detach())
 
     def _log(self, row: dict) -> None:
+        self.history.append(row)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             with open(self.out / "log.jsonl", "a") as handle:
