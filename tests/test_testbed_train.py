@@ -10,13 +10,11 @@ import torch
 
 from pasa.testbed.model import TESTBED, TINY, build_model, count_parameters, load_testbed
 from pasa.testbed.sample import sample
-from pasa.testbed.train import (
+from pasa.testbed.state import (
     BLOCK,
     PART_BYTES,
     STATE_BUDGET_BYTES,
     StateError,
-    Trainer,
-    build_parser,
     compact_weights_codec,
     decode_fp24,
     decode_log8,
@@ -25,11 +23,10 @@ from pasa.testbed.train import (
     encode_log8,
     encode_q8,
     estimate_state_bytes,
-    lr_at,
-    main,
     read_state_parts,
     write_state_parts,
 )
+from pasa.testbed.train import Trainer, build_parser, lr_at, main
 
 
 def _args(out, *extra):
