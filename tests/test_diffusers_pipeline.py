@@ -145,6 +145,24 @@ def test_online_budget_report_and_reset(caplog: pytest.LogCaptureFixture) -> Non
     assert torch.equal(_generate(pipe), stock)
 
 
+def test_profile_recorded_from_one_run_drives_the_next(tmp_path) -> None:
+    pipe = _pipeline()
+    apply(pipe, CONFIG)
+    _generate(pipe)
+    path = tmp_path / "wan-tiny.json"
+    last_report(pipe).to_profile(scheduler=type(pipe.scheduler).__name__).save(path)
+    profiled = CONFIG.replace(budget="profile", profile_path=str(path))
+    apply(pipe, profiled)
+    _generate(pipe)
+    report = last_report(pipe)
+    expected = pasa.BudgetProfile.load(path).densities(
+        profiled.density, profiled.min_step_density, profiled.dense_quantile
+    )
+    assert report.densities == pytest.approx(expected)
+    assert sum(report.densities) / STEPS == pytest.approx(CONFIG.density)
+    remove(pipe)
+
+
 def test_tiled_stream_matches_per_call() -> None:
     """The whole generation (CFG, online budget, both paths' dense warm-up) with the tokens in
     tiled order across the blocks equals the one re-ordering them per attention call."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pasa.profile import BudgetProfile
+
 
 def attention_flops(batch: int, heads: int, seq_len: int, head_dim: int) -> float:
     """Dense attention FLOPs of one call: ``QK^T`` and ``PV``, 2 FLOPs per multiply-add.
@@ -101,6 +103,23 @@ class GenerationReport:
         if total > 0:
             return sum(s.computed_flops for s in self.steps) / total
         return sum(self.realised_densities) / max(1, self.num_steps)
+
+    def to_profile(self, *, scheduler: str = "unknown") -> BudgetProfile:
+        """This run's trajectory as a budget profile, for ``PASAConfig(budget="profile")``.
+
+        A calibration run records sigma and curvature per step; ``profile.save(path)`` keeps
+        them, and later runs with the same step count allocate their densities from it.
+        """
+        if not self.steps:
+            raise ValueError("the report has no steps: nothing to make a profile from")
+        return BudgetProfile(
+            model=self.model,
+            scheduler=scheduler,
+            num_steps=self.num_steps,
+            resolution=tuple(self.grid or ()),
+            sigmas=[s.sigma for s in self.steps],
+            curvatures=self.curvatures,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
