@@ -62,7 +62,11 @@ class BlockPlan:
     def full(
         cls, layout: TokenLayout, batch: int, heads: int, device: torch.device | str
     ) -> BlockPlan:
-        """Every key block for every row (dense attention)."""
+        """Every key block for every row (dense attention).
+
+        The index tensor is materialised, not a stride-0 expand: kernels read it with their own
+        stride assumptions (an expanded one crashed compiled FlexAttention at 75,600 tokens).
+        """
         n = layout.num_blocks
         indices = torch.arange(n, dtype=torch.int32, device=device).expand(batch, heads, n, n)
         counts = torch.full((batch, heads, n), n, dtype=torch.int32, device=device)

@@ -14,7 +14,7 @@ from pasa.config import PASAConfig
 from pasa.kernels.estimate_triton import grouped_block_estimate, noise_key, supports
 from pasa.kernels.permute import gather_tokens
 from pasa.kernels.permute import group_means as _group_means
-from pasa.kernels.route_triton import full_plan_tensors, route_from_scores
+from pasa.kernels.route_triton import route_from_scores
 from pasa.layout import TokenLayout
 from pasa.plan import BlockPlan
 from pasa.route import _MASS_FLOOR
@@ -57,11 +57,6 @@ def from_tiled(out: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     return restored
 
 
-def full_plan(layout: TokenLayout, batch: int, heads: int, device: torch.device) -> BlockPlan:
-    """The dense plan (every block), without estimate or sort."""
-    return BlockPlan(*full_plan_tensors(batch, heads, layout.num_blocks, str(device)), layout)
-
-
 def plan_from_means(
     qg: torch.Tensor,
     kg: torch.Tensor,
@@ -75,9 +70,8 @@ def plan_from_means(
 ) -> BlockPlan:
     """Fused estimate + GPU routing: pasa/route.py's ``select_blocks(block_mass(...))``."""
     batch, heads = qg.shape[:2]
-    n = layout.num_blocks
     if density >= 1.0:
-        return BlockPlan(*full_plan_tensors(batch, heads, n, str(qg.device)), layout)
+        return BlockPlan.full(layout, batch, heads, qg.device)
     share, scores = grouped_block_estimate(
         qg,
         kg,

@@ -170,15 +170,3 @@ def topk_plan(
         num_warps=8 if per_program * chunk >= 4096 else 4,
     )
     return kv_indices, kv_counts
-
-
-@lru_cache(maxsize=64)
-def full_plan_tensors(
-    batch: int, heads: int, n: int, device: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``kv_indices`` / ``kv_counts`` of the dense plan (every block), built without a sort."""
-    # Materialised, not expanded: the kernels read index tensors with their own stride
-    # assumptions (a stride-0 tensor crashed compiled FlexAttention at 75,600 tokens).
-    idx = torch.arange(n, dtype=torch.int32, device=device).expand(batch, heads, n, n).contiguous()
-    cnt = torch.full((batch, heads, n), n, dtype=torch.int32, device=device)
-    return idx, cnt
