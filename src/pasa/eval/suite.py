@@ -143,7 +143,7 @@ def run_suite(
     import diffusers
     from tqdm import tqdm
 
-    from pasa.testbed.model import DEFAULT_CHECKPOINT
+    from pasa.testbed.model import DEFAULT_CHECKPOINT, describe_checkpoint
 
     names = [n for n in (strategies or list(STRATEGIES)) if n != "dense"]
     chosen = [get_strategy(n) for n in names]
@@ -159,7 +159,7 @@ def run_suite(
 
     results: dict[str, Any] = {
         "settings": {
-            "checkpoint": str(checkpoint),
+            "checkpoint": describe_checkpoint(checkpoint),
             "training steps": (record.get("training") or {}).get("steps"),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "clip": f"{frames} frames x {size} x {size}",

@@ -26,6 +26,18 @@ METADATA_KEY = "pasa_testbed"
 DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoint" / "testbed.safetensors"
 
 
+def describe_checkpoint(path: str | os.PathLike) -> str:
+    """A machine-independent name for a checkpoint file: the shipped one by its package path,
+    any other by its file name; both with the first 12 hex digits of the file's sha256."""
+    import hashlib
+
+    path = Path(path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12] if path.is_file() else "missing"
+    shipped = path.resolve() == DEFAULT_CHECKPOINT.resolve()
+    name = "pasa/testbed/checkpoint/" + path.name if shipped else path.name
+    return f"{name} (sha256 {digest})"
+
+
 class CheckpointError(RuntimeError):
     """A testbed checkpoint is missing, unreadable or does not describe a testbed model."""
 

@@ -50,10 +50,31 @@ def demo_settings(config: Any, device: torch.device, *, size, frames, steps) -> 
 
 
 def write_mp4(path: Path, frames_uint8: Any, fps: int = FPS) -> Path:
-    """``(F, H, W, 3)`` uint8 frames -> an H.264 mp4 (imageio-ffmpeg)."""
-    import imageio.v2 as imageio
+    """``(F, H, W, 3)`` uint8 RGB frames -> an mp4.
 
-    imageio.mimwrite(path, list(frames_uint8), fps=fps, codec="libx264", macro_block_size=1)
+    H.264 through imageio-ffmpeg when it is installed (plays in browsers); otherwise OpenCV's
+    own MPEG-4 Part 2 encoder (``mp4v``: plays in VLC, mpv and most desktop players), so the demo
+    also runs where the ffmpeg wheel (68 MB) is not installed.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("imageio_ffmpeg") is not None:
+        import imageio.v2 as imageio
+
+        imageio.mimwrite(path, list(frames_uint8), fps=fps, codec="libx264", macro_block_size=1)
+        return path
+    import cv2
+
+    frames = list(frames_uint8)
+    height, width = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+    if not writer.isOpened():
+        raise RuntimeError(f"OpenCV could not open an mp4 writer for {path}")
+    try:
+        for frame in frames:
+            writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    finally:
+        writer.release()
     return path
 
 
@@ -117,18 +138,18 @@ def run_video_demo(
         :class:`DemoResult` with the written files, the metrics dict and a printable table.
     Raises:
         pasa.testbed.CheckpointError: a missing, truncated or foreign checkpoint.
-        ImportError: diffusers, imageio-ffmpeg, matplotlib or OpenCV missing (``pasa[eval]``).
+        ImportError: diffusers, matplotlib or OpenCV missing (``pasa[eval]``).
     """
     from pasa.eval.generate import require
 
-    require("diffusers", "safetensors", "imageio_ffmpeg", "matplotlib", "cv2", command="pasa demo")
+    require("diffusers", "safetensors", "matplotlib", "cv2", command="pasa demo")
     from tqdm import tqdm
 
     from pasa.eval.generate import Hooks, eval_captions, generate, load_model, resolve_device
     from pasa.eval.metrics import compare_clips, to_uint8
     from pasa.eval.report import plot_density_curvature
     from pasa.eval.strategies import get_strategy
-    from pasa.testbed.model import DEFAULT_CHECKPOINT
+    from pasa.testbed.model import DEFAULT_CHECKPOINT, describe_checkpoint
 
     started = time.perf_counter()
     device = resolve_device(device)
@@ -172,7 +193,7 @@ def run_video_demo(
     data = {
         "caption": caption,
         "seed": seed,
-        "checkpoint": str(checkpoint),
+        "checkpoint": describe_checkpoint(checkpoint),
         "training": record.get("training"),
         "device": str(device),
         "clip": {**settings, "height": settings["size"], "width": settings["size"]},
