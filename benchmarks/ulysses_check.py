@@ -202,6 +202,7 @@ def main() -> int:
         print(f"{'PASSED' if ok else 'FAILED'}; wrote {path}")
     flag = torch.tensor([int(ok)], device=device)  # NCCL broadcasts CUDA tensors only
     dist.broadcast(flag, src=0)
+    dist.barrier()  # no rank tears down while another still has collectives in flight
     dist.destroy_process_group()
     return 0 if bool(flag.item()) else 1
 

@@ -19,10 +19,11 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from pasa.config import PASAConfig
-from pasa.curvature import EPS, CurvatureTracker, allocate_densities, quantiles
+from pasa.curvature import DENSE_REST_FLOOR, EPS, CurvatureTracker, allocate_densities
 from pasa.profile import BudgetProfile
 
 _TIE_RTOL = 0.01  # online: curvatures within 1% are ties (finite differences are that noisy)
+WARMUP_BOOST = 2.5  # online: the steps before any curvature get this multiple of the even share
 
 
 @runtime_checkable
@@ -97,19 +98,22 @@ class FixedBudget(_PlannedBudget):
 class OnlineBudget(_PlannedBudget):
     """Curvature-driven densities without calibration.
 
-    Plan for step s (``m = num_steps - s`` steps left, ``R`` budget left, ``kappa_r`` the latest
-    curvature, ``seen`` all curvatures so far):
+    Plan for step s (``m = num_steps - s`` steps left, ``R`` budget left, ``even = R / m``,
+    ``kappa_r`` the latest curvature, ``seen`` all curvatures so far, ``floor = max(min_density,
+    DENSE_REST_FLOOR * mean_density)``):
 
-    - Warm-up (no curvature yet: 2 steps with velocities, 3 from latents alone): dense when the
-      rest can still get ``min_density`` each, else the even share ``R / m``.
+    - Warm-up (no curvature yet: 2 steps with velocities, 3 from latents alone): the first steps
+      set the layout and curve the most (kappa 3-20x its median on the testbed), so they get
+      ``WARMUP_BOOST * even``, capped at 1 and at what leaves every later step ``floor``. Never
+      dense: at a low mean a dense first step starves the rest of the run.
     - Dense: ``kappa_r`` ranks in the top ``dense_quantile`` of the curvatures seen (rank, with
       values within 1% counted as ties against it, <= ``q * len(seen)``: it needs ``1/q``
       observations and must stand out from noise), the run has used fewer than
-      ``ceil(q * num_steps)`` dense steps, and the budget affords it.
-    - Otherwise step s is predicted to curve like the last step (``kappa_r``) and the ``m - 1``
-      later steps like ``seen`` (its quantiles, so spikes recur at the rate seen so far); the
-      unused dense quota is reserved at 1.0 for the most curved of those (as far as affordable),
-      and :func:`allocate_densities` splits the rest; step s takes its entry.
+      ``ceil(q * num_steps)`` dense steps, and the later steps keep ``floor`` each.
+    - Otherwise ``even``: later steps are predicted to curve like the latest one. (Predicting
+      them from the spread of ``seen`` reserved budget for early-run spikes that do not recur,
+      starved the middle of the run and spent the rest on the last steps.) The curvature profile
+      of a whole run, front-loaded on the testbed, is what ``budget="profile"`` allocates from.
 
     Every plan is an exact split of ``R`` over the ``m`` steps within ``[min_density, 1]``, so the
     realised mean over ``num_steps`` equals ``mean_density``. If ``R`` ever drops below
@@ -148,23 +152,20 @@ class OnlineBudget(_PlannedBudget):
             return lo
         if left >= m - EPS or m == 1:  # all that is left must be spent on the remaining steps
             return min(left / m, 1.0)
-        affords_dense = left - 1.0 >= (m - 1) * lo - EPS
+        even = left / m
+        floor = max(lo, DENSE_REST_FLOOR * self.mean_density)
+        spare = left - (m - 1) * floor  # the most this step can take
         seen = [k for k in self.tracker.curvatures if k is not None]
         if not seen:
-            return 1.0 if affords_dense else left / m
+            return min(max(even, min(WARMUP_BOOST * even, spare)), 1.0 - EPS)
         recent = seen[-1]
         quota = math.ceil(self.dense_quantile * self.num_steps - 1e-9)
         quota -= sum(d >= 1.0 for d in self._realised)
         # Near-ties rank low, so a flat history (up to estimation noise) has no top.
         rank = sum(k >= recent * (1.0 - _TIE_RTOL) for k in seen)
-        if quota > 0 and affords_dense and rank <= self.dense_quantile * len(seen):
+        if quota > 0 and spare >= 1.0 - EPS and rank <= self.dense_quantile * len(seen):
             return 1.0
-        reserve = max(0, min(quota, m - 2, math.floor((left - m * lo) / (1.0 - lo) + 1e-9)))
-        future = quantiles(seen, m - 1)[: m - 1 - reserve]  # the top `reserve` held for dense
-        share = min(max((left - reserve) / (m - reserve), lo), 1.0)
-        return allocate_densities(
-            [recent, *future], mean_density=share, min_density=lo, dense_quantile=0
-        )[0]
+        return min(even, 1.0)
 
 
 class ProfileBudget(_PlannedBudget):

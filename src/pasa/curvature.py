@@ -16,6 +16,10 @@ import torch
 WEIGHT_POWER = 0.5  # density grows like sqrt(kappa / median kappa) between the clips
 WEIGHT_CLIP = (0.1, 10.0)  # so one step gets at most 100x another's share before [min, max]
 EPS = 1e-12
+# A dense step may not push any other step below this share of the mean density: at mean 0.10
+# over 20 steps one dense step would leave the other 19 at 0.053 (the testbed's generations then
+# lost 5-6 dB PSNR against dense beside a fixed 0.10; docs/results.md).
+DENSE_REST_FLOOR = 0.75
 
 
 def curvature(sigma_prev: float, sigma: float, v_prev: torch.Tensor, v: torch.Tensor) -> float:
@@ -156,7 +160,8 @@ def allocate_densities(
 
     Algorithm:
         1. ``k = ceil(dense_quantile * n)`` steps of highest curvature are dense (exactly 1.0),
-           cut to what the budget affords (``k + (n - k) min_density <= n mean_density``), then
+           cut to what the budget affords (``k + (n - k) r <= n mean_density`` with the rest's
+           floor ``r = max(min_density, DENSE_REST_FLOOR * mean_density)``), then
            until the dense set does not split a group of equal curvatures (so equal kappa always
            means equal density; all-equal curvature means no dense step). Dense steps need
            ``max_density == 1``; with a lower cap no step is dense.
@@ -205,7 +210,8 @@ def allocate_densities(
     k = 0
     if max_density == 1.0 and dense_quantile > 0.0:
         k = math.ceil(dense_quantile * n - 1e-9)
-        affordable = (total - n * min_density) / (1.0 - min_density)
+        rest = min(max(min_density, DENSE_REST_FLOOR * mean_density), 1.0 - EPS)
+        affordable = (total - n * rest) / (1.0 - rest)
         k = min(k, n - 1, math.floor(affordable + 1e-9))
         while 0 < k < n and kappas[order[k - 1]] == kappas[order[k]]:
             k -= 1

@@ -21,6 +21,7 @@ from pasa.eval.strategies import ScheduleBudget, Strategy
 from pasa.plan import BlockPlan
 
 EVAL_DATA_SEED = 10_000  # held-out caption stream (training uses data seed 0)
+CALIBRATION_DATA_SEED = 20_000  # the budget profile's calibration caption: in neither stream
 
 
 def eval_captions(count: int, *, data_seed: int = EVAL_DATA_SEED, frames: int = 16) -> list[str]:
@@ -66,16 +67,25 @@ class Hooks:
     plan_provider: Callable[..., BlockPlan | None] | None = None
 
 
-def strategy_hooks(strategy: Strategy, density: float, num_steps: int) -> Hooks:
+def strategy_hooks(
+    strategy: Strategy, density: float, num_steps: int, profile_path: Any = None
+) -> Hooks:
     """The config, budget and plan provider of ``strategy`` at mean ``density``.
 
+    Args:
+        profile_path: the budget profile (:func:`calibrate_profile`) a calibrated strategy
+            allocates its per-step densities from.
     Raises:
         ValueError: the strategy cannot reach ``density`` (a dense warm-up longer than the
-            budget), with the reason; dense has no hooks.
+            budget), with the reason; a calibrated strategy without ``profile_path``; dense.
     """
     if strategy.is_dense:
         raise ValueError("dense runs without PASA")
     config = strategy.config(density)
+    if strategy.calibrated:
+        if profile_path is None:
+            raise ValueError(f"{strategy.name} allocates from a budget profile: pass profile_path")
+        config = config.replace(budget="profile", profile_path=str(profile_path))
     schedule = strategy.step_densities(density, num_steps)
     budget = ScheduleBudget(schedule) if schedule is not None else None
     provider = None
@@ -192,3 +202,29 @@ def generate(
         plan_jaccard=None if meter is None else meter.mean,
         step_seconds=[s.seconds for s in result.steps],
     )
+
+
+def calibrate_profile(
+    model: torch.nn.Module,
+    config: Any,
+    path: Any,
+    *,
+    num_steps: int,
+    frames: int,
+    size: int,
+    seed: int = 0,
+) -> Any:
+    """Record the curvature budget profile of one dense generation and save it at ``path``.
+
+    The caption is the first of a stream that neither training nor the evaluation uses
+    (:data:`CALIBRATION_DATA_SEED`), so the strategies that allocate from the profile never see
+    the clips they are judged on. Returns the :class:`~pasa.profile.BudgetProfile`.
+    """
+    caption = eval_captions(1, data_seed=CALIBRATION_DATA_SEED, frames=frames)[0]
+    run = generate(
+        model, config, caption, seed=seed, num_steps=num_steps, frames=frames, size=size,
+        hooks=Hooks(PASAConfig(density=1.0)),
+    )  # fmt: skip
+    profile = run.report.to_profile(scheduler="flow-match Euler, shift 3")
+    profile.save(path, overwrite=True)
+    return profile

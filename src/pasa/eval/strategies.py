@@ -15,12 +15,14 @@ static_window          STA / Radial-style static 3D local window: each query blo
                        until it meets the density; the same plan at every step, layer and head
 sparse_videogen        Sparse-VideoGen-style: first 20% of steps dense, then deterministic top-p
                        (mean-pooled estimate) at the density that keeps the run's mean on target
-pasa                   grouped estimate (g = 32), Gumbel routing (tau = 0.25), top-p, online
-                       curvature budget
+pasa                   grouped estimate (g = 32), Gumbel routing (tau = 0.25), top-k rows (the
+                       library's defaults) and the curvature budget from a profile recorded
+                       by one calibration run on a caption outside the evaluation set
 pasa_no_grouped        PASA with one group per block (mean-pooled estimate)
 pasa_no_stochastic     PASA with tau = 0
 pasa_no_curvature      PASA with a fixed per-step budget
 pasa_approximate       PASA plus the approximate branch for unselected blocks
+pasa_top_p             PASA with top-p rows (one coverage p per call) instead of top-k
 =====================  ========================================================================
 """
 
@@ -51,6 +53,8 @@ class Strategy:
         config: ``density -> PASAConfig`` (None for dense).
         plan_fn: a fixed plan instead of PASA's estimate and routing (static window), or None.
         dense_warmup: share of the first steps run dense (the rest re-balanced to the mean).
+        calibrated: allocates its per-step densities from a recorded curvature profile
+            (``budget="profile"``; :func:`pasa.eval.generate.strategy_hooks` supplies the file).
     """
 
     name: str
@@ -58,6 +62,7 @@ class Strategy:
     config: Callable[[float], PASAConfig] | None
     plan_fn: PlanFn | None = None
     dense_warmup: float = 0.0
+    calibrated: bool = False
 
     @property
     def is_dense(self) -> bool:
@@ -80,9 +85,18 @@ class Strategy:
 
 
 def _pasa(**changes: object) -> Callable[[float], PASAConfig]:
-    base = dict(group_size=32, temperature=0.25, selection="top_p", budget="online")
+    """PASA as a user gets it (``PASAConfig`` defaults) with ``changes`` for the ablations."""
+    defaults = PASAConfig()
+    base = dict(
+        group_size=defaults.group_size,
+        temperature=defaults.temperature,
+        selection=defaults.selection,
+        budget="fixed",  # calibrated strategies get budget="profile" with the file, per run
+    )
     base.update(changes)
-    return lambda density: PASAConfig(density=density, min_step_density=min(0.05, density), **base)
+    return lambda density: PASAConfig(
+        density=density, min_step_density=min(defaults.min_step_density, density), **base
+    )
 
 
 def _peer(**changes: object) -> Callable[[float], PASAConfig]:
@@ -141,11 +155,15 @@ STRATEGIES: dict[str, Strategy] = {
                  _peer(selection="top_k"), plan_fn=window_plan),
         Strategy("sparse_videogen", f"dense warm-up + top-p (Sparse-VideoGen-style, {REIMPLEMENTED})",
                  _peer(selection="top_p"), dense_warmup=WARMUP_FRACTION),
-        Strategy("pasa", "PASA", _pasa()),
-        Strategy("pasa_no_grouped", "PASA without grouped estimate", _pasa(group_size=128)),
-        Strategy("pasa_no_stochastic", "PASA without stochastic routing", _pasa(temperature=0.0)),
-        Strategy("pasa_no_curvature", "PASA without curvature budget", _pasa(budget="fixed")),
-        Strategy("pasa_approximate", "PASA with approximate branch", _pasa(approximate=True)),
+        Strategy("pasa", "PASA", _pasa(), calibrated=True),
+        Strategy("pasa_no_grouped", "PASA without grouped estimate", _pasa(group_size=128),
+                 calibrated=True),
+        Strategy("pasa_no_stochastic", "PASA without stochastic routing",
+                 _pasa(temperature=0.0), calibrated=True),
+        Strategy("pasa_no_curvature", "PASA without curvature budget (fixed per step)", _pasa()),
+        Strategy("pasa_approximate", "PASA with approximate branch", _pasa(approximate=True),
+                 calibrated=True),
+        Strategy("pasa_top_p", "PASA with top-p rows", _pasa(selection="top_p"), calibrated=True),
     )
 }  # fmt: skip
 

@@ -31,6 +31,8 @@ import torch
 
 from pasa.eval import metrics
 from pasa.eval.generate import (
+    CALIBRATION_DATA_SEED,
+    calibrate_profile,
     eval_captions,
     generate,
     load_model,
@@ -176,6 +178,16 @@ def run_suite(
     }
     done = _resume(out / "results.json", results) if resume else set()
     common = dict(num_steps=steps, frames=frames, size=size)
+    profile_path = None
+    if any(s.calibrated for s in chosen):
+        profile_path = out / "budget_profile.json"
+        profile = calibrate_profile(model, config, profile_path, **common)
+        results["settings"]["budget profile"] = {
+            "file": profile_path.name,
+            "calibration caption": "first caption of data seed "
+            f"{CALIBRATION_DATA_SEED} (neither training nor this evaluation uses it)",
+            "curvatures": profile.curvatures,
+        }
     todo = [(ci, seed) for ci in range(len(prompts)) for seed in seeds if (ci, seed) not in done]
     total = len(todo) * (1 + len(chosen) * len(densities))
     files: dict[str, Path] = {}
@@ -200,7 +212,7 @@ def run_suite(
                     }  # fmt: skip
                     bar.set_postfix_str(f"caption {ci} seed {seed} {strategy.name} {density}")
                     try:
-                        hooks = strategy_hooks(strategy, density, steps)
+                        hooks = strategy_hooks(strategy, density, steps, profile_path)
                     except ValueError as exc:
                         row["skipped"] = str(exc)
                     else:

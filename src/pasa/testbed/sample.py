@@ -129,3 +129,54 @@ def _velocity(model, x, timestep, text, dtype, *, name: str, step: int, n: int, 
         return model(**kwargs)[0].float()
     with context(name, step_index=step, num_inference_steps=n, sigma=t, timestep=t * 1000):
         return model(**kwargs)[0].float()
+
+
+def frame_strip(frames_uint8: torch.Tensor, every: int = 3) -> torch.Tensor:
+    """``(F, H, W, 3)`` uint8 frames -> one ``(H, W', 3)`` row of every ``every``-th frame,
+    separated by 2-pixel white gaps."""
+    picked = list(frames_uint8[::every])
+    gap = torch.full((frames_uint8.shape[1], 2, 3), 255, dtype=torch.uint8)
+    parts = [p for f in picked for p in (f, gap)][:-1]
+    return torch.cat(parts, dim=1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pasa.testbed.sample``: dense samples of held-out captions as PNG frame strips."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    from PIL import Image
+
+    from pasa.eval.generate import eval_captions, load_model, resolve_device
+    from pasa.eval.metrics import to_uint8
+    from pasa.testbed.model import DEFAULT_CHECKPOINT, describe_checkpoint
+
+    parser = argparse.ArgumentParser(prog="python -m pasa.testbed.sample", description=main.__doc__)
+    parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    parser.add_argument("--captions", type=int, default=3, help="held-out captions (default 3)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--every", type=int, default=3, help="keep every n-th frame (default 3)")
+    parser.add_argument("--out", default="samples", help="folder for PNGs and captions.json")
+    parser.add_argument("--device", help="default: cuda if available")
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    model, config, record = load_model(args.checkpoint, device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    index = {"checkpoint": describe_checkpoint(args.checkpoint), "steps": args.steps,
+             "seed": args.seed, "training": record.get("training"), "samples": []}  # fmt: skip
+    for i, caption in enumerate(eval_captions(args.captions)):
+        result = sample(model, config, caption, seed=args.seed, num_steps=args.steps)
+        strip = frame_strip(to_uint8(result.frames), args.every)
+        name = f"sample_{i}.png"
+        Image.fromarray(strip.numpy()).save(out / name)
+        index["samples"].append({"file": name, "caption": caption})
+        print(f"{name}: {caption}")
+    (out / "captions.json").write_text(json.dumps(index, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
