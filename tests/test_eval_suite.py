@@ -89,8 +89,15 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
-def test_strategy_hooks():
-    assert strategy_hooks(STRATEGIES["pasa"], 0.15, 20).budget is None
+def test_strategy_hooks(tmp_path):
+    with pytest.raises(ValueError, match="profile_path"):
+        strategy_hooks(STRATEGIES["pasa"], 0.15, 20)  # calibrated: needs the recorded profile
+    pasa = strategy_hooks(STRATEGIES["pasa"], 0.15, 20, tmp_path / "p.json")
+    assert pasa.budget is None and pasa.config.budget == "profile"
+    assert pasa.config.profile_path == str(tmp_path / "p.json")
+    assert pasa.config.selection == "top_k" and pasa.config.temperature == 0.25
+    fixed = strategy_hooks(STRATEGIES["pasa_no_curvature"], 0.15, 20, tmp_path / "p.json")
+    assert fixed.config.budget == "fixed" and fixed.config.profile_path is None
     warm = strategy_hooks(STRATEGIES["sparse_videogen"], 0.25, 20)
     assert warm.budget.num_steps == 20 and warm.config.temperature == 0.0
     with pytest.raises(ValueError, match="warm-up"):
