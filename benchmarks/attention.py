@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -344,15 +345,17 @@ def main(argv: list[str] | None = None) -> int:
     if fa4_reason:
         print(f"FA4 rows skipped: {fa4_reason}", flush=True)
     root = Path(__file__).resolve().parent
-    try:
-        commit = (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=False
-            ).stdout.strip()
-            or None
-        )
-    except FileNotFoundError:
-        commit = None
+    commit = os.environ.get("PASA_COMMIT")  # the GPU machine's copy of the tree has no .git
+    if not commit:
+        try:
+            commit = (
+                subprocess.run(
+                    ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True
+                ).stdout.strip()
+                or None
+            )
+        except FileNotFoundError:
+            commit = None
     result = {
         "benchmark": "attention",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
