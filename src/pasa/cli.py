@@ -1,8 +1,8 @@
 """The ``pasa`` command line.
 
-- ``pasa demo``: the testbed video demo (dense vs PASA from the same seed) when a testbed
-  checkpoint is available (``--checkpoint`` or the shipped one); until the project ships its
-  trained checkpoint, the attention-level demo on synthetic video Q/K/V.
+- ``pasa demo``: the testbed video demo (dense vs PASA from the same seed) on the shipped
+  checkpoint or ``--checkpoint``; if the shipped file is missing (a source tree without it), the
+  attention-level demo on synthetic video Q/K/V.
 - ``pasa attention-demo``: routing strategies on synthetic video attention (torch only).
 - ``pasa eval``: the quality / flicker suite on the testbed.
 - ``pasa train``, ``pasa probe``: train the testbed model; its attention recall per layer.
@@ -43,8 +43,8 @@ def _shipped_checkpoint_exists() -> bool:
 def _demo(args: argparse.Namespace) -> int:
     if args.checkpoint is None and not _shipped_checkpoint_exists():
         print(
-            "pasa demo: no testbed checkpoint is shipped yet (pass --checkpoint PATH for the video "
-            "demo); running the attention-level demo on synthetic video Q/K/V instead.\n"
+            "pasa demo: the shipped testbed checkpoint is missing (pass --checkpoint PATH for the "
+            "video demo); running the attention-level demo on synthetic video Q/K/V instead.\n"
         )
         fallback = argparse.Namespace(
             grid=[8, 32, 48],
