@@ -37,7 +37,8 @@ class PASAConfig:
         seed: seed of the counter-based routing noise.
         budget: ``"fixed"`` (every step at ``density``), ``"online"`` (curvature-driven, no
             calibration) or ``"profile"`` (curvature recorded once, loaded from ``profile_path``).
-        dense_quantile: share of denoising steps, those of highest curvature, run dense.
+        dense_quantile: share of denoising steps, those of highest curvature, run dense (a
+            dense step must leave every other step at least 0.75 x ``density``).
         min_step_density: floor on one step's density when the budget varies it by step.
         profile_path: JSON profile for ``budget="profile"``.
         approximate: cover unselected blocks with group-mean keys and values (ablation).
