@@ -46,6 +46,10 @@ def test_suite_writes_results(checkpoint, tmp_path):
         assert 0 < m["mean_density"] < 1 and len(m["step_densities"]) == 5
         assert m["plan_jaccard"] is not None and 0 <= m["plan_jaccard"] <= 1
     by_name = {r["strategy"]: r["metrics"] for r in data["runs"]}
+    profile = data["settings"]["budget profile"]  # PASA allocates from one calibration run
+    assert profile["file"] == "budget_profile.json" and len(profile["curvatures"]) == 5
+    assert (tmp_path / "out" / "budget_profile.json").is_file()
+    assert profile["curvatures"][0] is None and all(k > 0 for k in profile["curvatures"][1:])
     assert by_name["static_window"]["plan_jaccard"] == 1.0  # the same plan at every step
     assert by_name["sparse_videogen"]["step_densities"][0] == 1.0  # the dense warm-up
     assert [s["strategy"] for s in data["summary"]] == STRATEGY_NAMES
