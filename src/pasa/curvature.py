@@ -107,13 +107,6 @@ class CurvatureTracker:
         return kappa
 
 
-def quantiles(values: Sequence[float], count: int) -> list[float]:
-    """``count`` values spread like ``values`` (quantiles at levels ``(i + 0.5) / count``), highest
-    first."""
-    levels = (torch.arange(count, 0, -1, dtype=torch.float64) - 0.5) / count  # (count,)
-    return torch.quantile(torch.tensor(values, dtype=torch.float64), levels).tolist()
-
-
 def _water_fill(weights: Sequence[float], total: float, lo: float, hi: float) -> list[float]:
     """``d_i = clip(c * w_i, lo, hi)`` with the scalar ``c`` that makes ``sum(d) == total``.
 
