@@ -78,31 +78,40 @@ def environment() -> dict[str, Any]:
         "diffusers": diffusers.__version__,
         "pasa": pasa.__version__,
         "python": platform.python_version(),
-        "commit": os.environ.get("PASA_COMMIT") or _git_commit(),
+        "commit": git_commit(),
     }
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
         env["cuda"] = torch.version.cuda
-        env["driver"] = _nvidia_smi("driver_version")
+        env["driver"] = nvidia_driver()
     else:
         env["gpu"] = None
     return env
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
+    """``PASA_COMMIT`` when set (the GPU machine's copy of the tree has no .git), else the
+    repository's HEAD."""
+    if os.environ.get("PASA_COMMIT"):
+        return os.environ["PASA_COMMIT"]
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown (set PASA_COMMIT)"
 
 
-def _nvidia_smi(field: str) -> str | None:
+def nvidia_driver() -> str | None:
+    """The NVIDIA driver version of the first GPU, or None without nvidia-smi."""
     try:
         out = subprocess.run(
-            ["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader"],
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
             capture_output=True,
             text=True,
             check=True,

@@ -22,15 +22,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
 import statistics
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from _diffusers_common import git_commit, nvidia_driver  # benchmarks/ is the script's folder
 
 import pasa
 from pasa.estimate import block_mass_from_means, group_pool
@@ -88,18 +87,9 @@ def environment() -> dict:
         except Exception:
             return None
 
-    try:
-        smi = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout.strip()
-    except FileNotFoundError:
-        smi = None
     return {
         "gpu": torch.cuda.get_device_name(),
-        "driver": smi,
+        "driver": nvidia_driver(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "triton": version("triton"),
@@ -345,17 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     if fa4_reason:
         print(f"FA4 rows skipped: {fa4_reason}", flush=True)
     root = Path(__file__).resolve().parent
-    commit = os.environ.get("PASA_COMMIT")  # the GPU machine's copy of the tree has no .git
-    if not commit:
-        try:
-            commit = (
-                subprocess.run(
-                    ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True
-                ).stdout.strip()
-                or None
-            )
-        except FileNotFoundError:
-            commit = None
+    commit = git_commit()
     result = {
         "benchmark": "attention",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

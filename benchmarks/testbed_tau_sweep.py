@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from _diffusers_common import git_commit  # benchmarks/ is the script's folder
 
 from pasa.config import PASAConfig
 from pasa.eval import metrics
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "platform": platform.platform(terse=True),
         "torch": torch.__version__,
+        "commit": git_commit(),
         "settings": {k: v for k, v in vars(args).items() if k not in ("checkpoint", "out")},
         "caption": caption,
         "rows": rows,
