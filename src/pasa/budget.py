@@ -19,7 +19,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from pasa.config import PASAConfig
-from pasa.curvature import DENSE_REST_FLOOR, EPS, CurvatureTracker, allocate_densities
+from pasa.curvature import EPS, CurvatureTracker, allocate_densities, dense_rest_floor
 from pasa.profile import BudgetProfile
 
 _TIE_RTOL = 0.01  # online: curvatures within 1% are ties (finite differences are that noisy)
@@ -153,7 +153,7 @@ class OnlineBudget(_PlannedBudget):
         if left >= m - EPS or m == 1:  # all that is left must be spent on the remaining steps
             return min(left / m, 1.0)
         even = left / m
-        floor = max(lo, DENSE_REST_FLOOR * self.mean_density)
+        floor = dense_rest_floor(self.mean_density, lo)
         spare = left - (m - 1) * floor  # the most this step can take
         seen = [k for k in self.tracker.curvatures if k is not None]
         if not seen:

@@ -22,6 +22,12 @@ EPS = 1e-12
 DENSE_REST_FLOOR = 0.75
 
 
+def dense_rest_floor(mean_density: float, min_density: float) -> float:
+    """The least every other step must keep when a step runs dense:
+    ``max(min_density, DENSE_REST_FLOOR * mean_density)``."""
+    return max(min_density, DENSE_REST_FLOOR * mean_density)
+
+
 def curvature(sigma_prev: float, sigma: float, v_prev: torch.Tensor, v: torch.Tensor) -> float:
     """Relative curvature ``|a| / |v|`` of the trajectory between two steps.
 
@@ -203,7 +209,7 @@ def allocate_densities(
     k = 0
     if max_density == 1.0 and dense_quantile > 0.0:
         k = math.ceil(dense_quantile * n - 1e-9)
-        rest = min(max(min_density, DENSE_REST_FLOOR * mean_density), 1.0 - EPS)
+        rest = min(dense_rest_floor(mean_density, min_density), 1.0 - EPS)
         affordable = (total - n * rest) / (1.0 - rest)
         k = min(k, n - 1, math.floor(affordable + 1e-9))
         while 0 < k < n and kappas[order[k - 1]] == kappas[order[k]]:
