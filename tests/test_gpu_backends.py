@@ -100,6 +100,44 @@ def test_triton_block_mass_matches_torch(grid, text, group_size, precision, sing
     assert ((got - ref).abs() <= 1e-3 * ref.abs() + 1e-7).all()
 
 
+@pytest.mark.parametrize(
+    "launch",
+    [
+        dict(rows=128, key_blocks=32, num_warps=8, num_stages=3),
+        dict(rows=64, key_blocks=32, num_warps=4, presplit=False),
+        dict(rows=128, key_blocks=16, num_warps=4, num_stages=2),
+        dict(rows=64, key_blocks=16, num_warps=8, precision="tf32"),
+    ],
+)
+@pytest.mark.parametrize("grid,text", CASES)
+def test_triton_block_mass_launch_shapes(grid, text, launch):
+    from pasa.kernels.estimate_triton import grouped_block_estimate
+    from pasa.kernels.permute import group_means
+
+    layout = make_layout(grid, num_text_tokens=text, device="cuda")
+    q, k, _ = _inputs(grid, text, torch.bfloat16)
+    qt, kt = layout.to_blocks(q), layout.to_blocks(k)
+    ref = block_mass(qt, kt, block_size=128, group_size=32)
+    qg, kg = group_means(qt, kt, 32)
+    got, _ = grouped_block_estimate(
+        qg, kg, seq_len=layout.seq_len, block_size=128, group_size=32, **launch
+    )
+    # tf32 (one MMA) keeps ~1e-3 relative on the logits, so more slack on the mass there.
+    rel = 2e-2 if launch.get("precision") == "tf32" else 1e-3
+    assert ((got - ref).abs() <= rel * ref.abs() + 1e-7).all()
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+@pytest.mark.parametrize("name", ["q", "k", "v"])
+def test_check_finite_on_cuda(name, tiled):
+    grid, text = CASES[0]
+    q, k, v = _inputs(grid, text, torch.bfloat16)
+    {"q": q, "k": k, "v": v}[name][1, 77, 2, 5] = float("nan")
+    config = pasa.PASAConfig(density=0.3)
+    with pytest.raises(ValueError, match=f"{name} contains NaN"):
+        pasa.sparse_attention(q, k, v, grid=grid, num_text_tokens=text, config=config, tiled=tiled)
+
+
 @pytest.mark.parametrize("group_size", [16, 32, 128])
 def test_triton_group_means_match_group_pool(group_size):
     from pasa.estimate import group_pool

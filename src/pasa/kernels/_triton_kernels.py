@@ -86,23 +86,23 @@ def _group_mean(
     HB: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    t = a * GROUP + tl.arange(0, GROUP)
+    # The GROUP tokens stream through one (HB, BLOCK_D) fp32 accumulator, one token row per
+    # unrolled load: every thread sums its own columns, so no cross-thread reduction, and all
+    # GROUP loads can be in flight at once (the sum is over axis 0 of nothing but the loop).
     hh = hb * HB + tl.arange(0, HB)
     dd = tl.arange(0, BLOCK_D)
     hd_ok = (hh[:, None] < H) & (dd[None, :] < D)  # (HB, BLOCK_D)
-    ok = (t < S)[:, None, None] & hd_ok[None, :, :]
-    x = tl.load(
-        x_ptr
-        + b.to(tl.int64) * sxb
-        + t.to(tl.int64)[:, None, None] * sxs
-        + (hh[:, None] * sxh + dd[None, :])[None, :, :],
-        mask=ok,
-        other=0.0,
-    )  # (GROUP, HB, BLOCK_D)
+    col = hh[:, None] * sxh + dd[None, :]
+    base = x_ptr + b.to(tl.int64) * sxb
+    acc = tl.zeros((HB, BLOCK_D), tl.float32)
+    zero = tl.zeros((HB, 1), tl.int32)
+    for r in tl.static_range(GROUP):
+        t = a * GROUP + r + zero  # (HB, 1): the token row, as a tensor for the mask
+        row = tl.load(base + t.to(tl.int64) * sxs + col, mask=hd_ok & (t < S), other=0.0)
+        acc += row.to(tl.float32)
     n = tl.minimum(S - a * GROUP, GROUP).to(tl.float32)
-    mean = tl.sum(x.to(tl.float32), axis=0) / n  # (HB, BLOCK_D)
     dst = ((b.to(tl.int64) * H + hh[:, None]) * NG + a) * D + dd[None, :]
-    tl.store(out_ptr + dst, mean, mask=hd_ok)
+    tl.store(out_ptr + dst, acc / n, mask=hd_ok)
 
 
 @triton.jit
@@ -164,6 +164,7 @@ def _group_logits(
     qa,
     qa_lo,
     kg_ptr,
+    kglo_ptr,
     bias_ptr,
     n0,
     NG,
@@ -172,23 +173,33 @@ def _group_logits(
     dd,
     BN: tl.constexpr,
     PRECISION: tl.constexpr,
+    PRESPLIT: tl.constexpr,
 ):
     """(M, BN) fp32 logits of the query groups ``qa`` against key groups n0 .. n0 + BN.
 
     ``PRECISION``: "tf32x3" / "tf32" (Triton's), or "bf16x3": three bf16 products on ``qa`` =
     (hi, ``qa_lo``) split once by the caller, ~2^-16 relative, at twice tf32's MMA rate.
+    ``PRESPLIT`` (bf16x3 only): the key means come already split, bf16 hi at ``kg_ptr`` and lo
+    at ``kglo_ptr``, instead of fp32 split here by every program that reads them.
     """
     n = n0 + tl.arange(0, BN)
     n_ok = n < NG
-    kb = tl.load(
-        kg_ptr + n[:, None] * D + dd[None, :], mask=n_ok[:, None] & (dd[None, :] < D), other=0.0
-    )  # (BN, BLOCK_D)
-    if PRECISION == "bf16x3":
+    offs = n[:, None] * D + dd[None, :]
+    ok = n_ok[:, None] & (dd[None, :] < D)
+    if PRESPLIT:
+        kb_hi = tl.trans(tl.load(kg_ptr + offs, mask=ok, other=0.0))  # (BLOCK_D, BN) bf16
+        kb_lo = tl.trans(tl.load(kglo_ptr + offs, mask=ok, other=0.0))
+        logits = tl.dot(qa, kb_lo)
+        logits = tl.dot(qa_lo, kb_hi, logits)
+        logits = tl.dot(qa, kb_hi, logits)
+    elif PRECISION == "bf16x3":
+        kb = tl.load(kg_ptr + offs, mask=ok, other=0.0)  # (BN, BLOCK_D)
         kb_hi, kb_lo = _split_bf16(tl.trans(kb))
         logits = tl.dot(qa, kb_lo)
         logits = tl.dot(qa_lo, kb_hi, logits)
         logits = tl.dot(qa, kb_hi, logits)
     else:
+        kb = tl.load(kg_ptr + offs, mask=ok, other=0.0)  # (BN, BLOCK_D)
         logits = tl.dot(qa, tl.trans(kb), input_precision=PRECISION)
     bias = tl.load(bias_ptr + n, mask=n_ok, other=float("-inf"))
     return logits * scale + bias[None, :]
@@ -217,7 +228,8 @@ def _block_sums(p, GPB: tl.constexpr, KBC: tl.constexpr):
 @triton.jit
 def block_estimate_kernel(
     qg_ptr,  # (B, H, NG, D) fp32 query group means
-    kg_ptr,  # (B, H, NG, D) fp32 key group means
+    kg_ptr,  # (B, H, NG, D) fp32 key group means (PRESPLIT: their bf16 hi part)
+    kglo_ptr,  # PRESPLIT: (B, H, NG, D) bf16 lo part of the key group means (else unused)
     bias_ptr,  # (NG,) fp32 log of tokens per key group
     mass_ptr,  # (B, H, N, N) fp32: block mass, then (FINISH and WRITE_SHARE) the floored share
     score_ptr,  # (B, H, N, N) fp32 routing scores (FINISH only; may be mass_ptr)
@@ -247,6 +259,7 @@ def block_estimate_kernel(
     FINISH: tl.constexpr,
     WRITE_SHARE: tl.constexpr,
     NOISE: tl.constexpr,
+    PRESPLIT: tl.constexpr,  # key means given as bf16 hi + lo (bf16x3)
 ):
     # One program owns QB query-block rows of one (batch, head). Its M = QB * GPB query-group
     # means stay in registers for the whole row; no (NG x NG) logit ever leaves the chip.
@@ -275,6 +288,7 @@ def block_estimate_kernel(
     if PRECISION == "bf16x3":
         qa, qa_lo = _split_bf16(qa)
     kg = kg_ptr + base
+    kglo = kglo_ptr + base
     qb = i0 + tl.arange(0, QB)
     qb_ok = qb < N
     kk = tl.arange(0, KBC)
@@ -288,7 +302,9 @@ def block_estimate_kernel(
         runmax = runmax_ptr + bh.to(tl.int64) * NGP * NCH
         stat = stat_ptr + bh.to(tl.int64) * 2 * NGP
         for c in range(0, NCH):
-            logits = _group_logits(qa, qa_lo, kg, bias_ptr, c * BN, NG, scale, D, dd, BN, PRECISION)
+            logits = _group_logits(
+                qa, qa_lo, kg, kglo, bias_ptr, c * BN, NG, scale, D, dd, BN, PRECISION, PRESPLIT
+            )
             m_new = tl.maximum(m_i, tl.max(logits, axis=1))
             sums = _block_sums(tl.exp(logits - m_new[:, None]), GPB, KBC)  # (M, KBC)
             l_i = l_i * tl.exp(m_i - m_new) + tl.sum(sums, axis=1)
@@ -313,7 +329,9 @@ def block_estimate_kernel(
     else:
         # Pass 1: row max and normaliser of the group softmax (online).
         for n0 in range(0, NG, BN):
-            logits = _group_logits(qa, qa_lo, kg, bias_ptr, n0, NG, scale, D, dd, BN, PRECISION)
+            logits = _group_logits(
+                qa, qa_lo, kg, kglo, bias_ptr, n0, NG, scale, D, dd, BN, PRECISION, PRESPLIT
+            )
             m_new = tl.maximum(m_i, tl.max(logits, axis=1))
             l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)
             m_i = m_new
@@ -322,7 +340,7 @@ def block_estimate_kernel(
         # Pass 2: block mass = max over the query groups of a block of its key-block sums.
         for j0 in range(0, N, KBC):
             logits = _group_logits(
-                qa, qa_lo, kg, bias_ptr, j0 * GPB, NG, scale, D, dd, BN, PRECISION
+                qa, qa_lo, kg, kglo, bias_ptr, j0 * GPB, NG, scale, D, dd, BN, PRECISION, PRESPLIT
             )
             p = tl.exp(logits - m_i[:, None]) * inv_l[:, None]  # (M, BN)
             per_key_block = _block_sums(p, GPB, KBC)  # (M, KBC)

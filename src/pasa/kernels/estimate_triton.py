@@ -37,6 +37,11 @@ DEFAULT_PRECISION = "tf32x3" if os.environ.get("TRITON_INTERPRET") == "1" else "
 # Wan2.1-14B 720p) instead of two passes of logits; which is faster is measured by
 # benchmarks/attention.py (``estimate`` vs ``estimate_two_pass``).
 DEFAULT_SINGLE_PASS = True
+# bf16x3: split the key means into bf16 hi + lo once per call (a few element-wise ops on
+# B*H*NG*D values) instead of in every program that streams them (N / QB times per head).
+DEFAULT_PRESPLIT = True
+# Launch shape; benchmarks/estimator_tuning.py measures the alternatives.
+_WARPS = 4
 
 
 @lru_cache(maxsize=64)
@@ -67,6 +72,11 @@ def grouped_block_estimate(
     precision: str = DEFAULT_PRECISION,
     single_pass: bool = DEFAULT_SINGLE_PASS,
     need_share: bool = True,
+    presplit: bool = DEFAULT_PRESPLIT,
+    rows: int = _ROWS,
+    key_blocks: int = _KEY_BLOCKS,
+    num_warps: int = _WARPS,
+    num_stages: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Block mass, or (with ``routing``) the routing share and scores, from group means.
 
@@ -78,6 +88,9 @@ def grouped_block_estimate(
         single_pass: one pass over the keys (scratch) instead of two (see the module constants).
         need_share: with ``routing``, also return the share (top-p reads it; top-k does not,
             and then no ``(B, H, N, N)`` share is written).
+        presplit: with ``bf16x3``, split the key means into bf16 hi + lo once, up front.
+        rows, key_blocks, num_warps, num_stages: launch shape (query groups per program, key
+            blocks per inner step; powers of two, ``rows >= 16``, ``key_blocks >= 16``).
     Returns:
         ``(B, H, N, N)`` fp32 block mass and None; or with ``routing`` the row share (floored, as
         pasa/route.py; None unless ``need_share``) and the scores ``log share + tau * Gumbel``
@@ -97,8 +110,14 @@ def grouped_block_estimate(
     scale = dim**-0.5 if scale is None else float(scale)
     qg, kg = qg.contiguous(), kg.contiguous()
     device = qg.device
-    qb = max(1, _ROWS // per_block)
-    kbc = _KEY_BLOCKS
+    qb = max(1, rows // per_block)
+    kbc = key_blocks
+    presplit = presplit and precision == "bf16x3"
+    kg_lo = kg  # unused unless presplit
+    if presplit:
+        kg_hi = kg.to(torch.bfloat16)
+        kg_lo = (kg - kg_hi.float()).to(torch.bfloat16)
+        kg = kg_hi
     grid = (_cdiv(n, qb), batch * heads)
     mass = torch.empty((batch, heads, n, n), dtype=torch.float32, device=device)
     scores = None
@@ -118,6 +137,7 @@ def grouped_block_estimate(
     block_estimate_kernel[grid](
         qg,
         kg,
+        kg_lo,
         _key_bias(seq_len, group_size, device),
         mass,
         mass if scores is None else scores,
@@ -147,10 +167,11 @@ def grouped_block_estimate(
         FINISH=routing is not None,
         WRITE_SHARE=routing is not None and need_share,
         NOISE=temperature > 0,
-        num_warps=4,
+        PRESPLIT=presplit,
+        num_warps=num_warps,
         # Shared memory (compiled for sm_90): 164 KB tf32x3 / 99 KB bf16x3 at g = 32 with two
         # stages; g = 16 (128 key groups per step) needs one stage to fit 227 KB.
-        num_stages=2 if per_block * kbc <= 64 else 1,
+        num_stages=num_stages or (2 if per_block * kbc <= 64 else 1),
     )
     if routing is None:
         return mass, None
@@ -211,6 +232,7 @@ def block_mass_triton(
 
 __all__ = [
     "DEFAULT_PRECISION",
+    "DEFAULT_PRESPLIT",
     "DEFAULT_SINGLE_PASS",
     "PRECISIONS",
     "block_mass_triton",

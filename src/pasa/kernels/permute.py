@@ -9,6 +9,10 @@ from pasa.kernels._triton_kernels import gather_pool_kernel, group_mean_kernel
 
 # Elements one program moves; a power of two that keeps the tile in registers.
 _TILE_ELEMENTS = 16384
+# group_means: heads per program and warps. Each program streams GROUP token rows of
+# heads x D elements through one fp32 accumulator (see _triton_kernels._group_mean).
+POOL_HEADS = 8
+POOL_WARPS = 4
 
 
 def _next_pow2(x: int) -> int:
@@ -68,7 +72,12 @@ def gather_tokens(
 
 
 def group_means(
-    q: torch.Tensor, k: torch.Tensor, group_size: int
+    q: torch.Tensor,
+    k: torch.Tensor,
+    group_size: int,
+    *,
+    heads_per_program: int = POOL_HEADS,
+    num_warps: int = POOL_WARPS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Group means of q and k (already in tiled order), one launch, each element read once.
 
@@ -76,6 +85,7 @@ def group_means(
 
     Args:
         q, k: ``(B, S, H, D)``, any strides with the last dim contiguous, on CUDA.
+        heads_per_program, num_warps: launch shape (power-of-two heads; tuning only).
     Returns:
         ``(B, H, NG, D)`` fp32 means of q and of k, ``NG = ceil(S / group_size)`` (the last group
         may be short).
@@ -91,7 +101,7 @@ def group_means(
     qg = torch.empty((batch, heads, num_groups, dim), dtype=torch.float32, device=q.device)
     kg = torch.empty_like(qg)
     block_d = _next_pow2(dim)
-    hb = max(1, min(_next_pow2(heads), _TILE_ELEMENTS // (_next_pow2(group_size) * block_d)))
+    hb = min(_next_pow2(heads), _next_pow2(heads_per_program))
     group_mean_kernel[(num_groups, -(-heads // hb), 2 * batch)](
         q,
         k,
@@ -106,6 +116,6 @@ def group_means(
         GROUP=group_size,
         HB=hb,
         BLOCK_D=block_d,
-        num_warps=8,
+        num_warps=num_warps,
     )
     return qg, kg

@@ -136,13 +136,20 @@ def route_from_scores(
 
 
 def topk_plan(
-    scores: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, count: int
+    scores: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    count: int,
+    *,
+    rows_per_program: int | None = None,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``clamp(count, lo, hi)`` key blocks of every row, by a radix select (no sort).
 
     Args:
         scores: ``(B, H, N, N)`` fp32 routing keys (forced blocks ``+inf``).
         lo, hi: ``(N,)`` int32 count floor / ceiling per query block, ``1 <= lo <= hi <= N``.
+        rows_per_program, num_warps: launch shape (tuning only; power-of-two rows).
     Returns:
         ``kv_indices (B, H, N, N)`` int32 (ascending, padded with the last selected index) and
         ``kv_counts (B, H, N)`` int32.
@@ -154,7 +161,8 @@ def topk_plan(
     kv_counts = torch.empty((batch, heads, n), dtype=torch.int32, device=scores.device)
     chunk = min(_TOPK_CHUNK, max(16, 1 << (n - 1).bit_length()))
     # ~4K keys per program: several short rows share one (fewer, fuller programs).
-    per_program = max(1, min(8, 4096 // chunk))
+    per_program = rows_per_program or max(1, min(8, 4096 // chunk))
+    warps = num_warps or (8 if per_program * chunk >= 4096 else 4)
     topk_plan_kernel[(triton.cdiv(rows, per_program),)](
         scores,
         lo,
@@ -167,6 +175,6 @@ def topk_plan(
         ROWS=per_program,
         CHUNK=chunk,
         SINGLE=n <= chunk,
-        num_warps=8 if per_program * chunk >= 4096 else 4,
+        num_warps=warps,
     )
     return kv_indices, kv_counts
