@@ -38,11 +38,10 @@ from pasa.route import _MASS_FLOOR
 def _jaccard(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], n: int):
     """Mean over rows of |A ∩ B| / |A ∪ B| of two plans (kv_indices, kv_counts)."""
 
-    def mask(idx, cnt):
-        m = torch.zeros((*cnt.shape, n), dtype=torch.bool, device=cnt.device)
+    def mask(idx, cnt):  # padding slots repeat an index: add up, do not overwrite
+        m = torch.zeros((*cnt.shape, n), dtype=torch.int32, device=cnt.device)
         slot = torch.arange(idx.shape[-1], device=cnt.device) < cnt[..., None]
-        m.scatter_(-1, idx.long(), slot)
-        return m
+        return m.scatter_add_(-1, idx.long(), slot.int()) > 0
 
     ma, mb = mask(*a), mask(*b)
     inter = (ma & mb).sum(-1).float()
@@ -121,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     lo, hi, *_ = _bounds(n, layout.first_text_block, config.min_blocks, config.max_blocks, "cuda")
     count = round(args.density * n)
+    # The launch before this sweep: the reference every candidate is held to.
     base_kw = dict(presplit=False, rows=64, key_blocks=16, num_warps=4, num_stages=2)
     _, ref_scores = grouped_block_estimate(qg, kg, **common, **base_kw)
     ref_plan = topk_plan(ref_scores, lo, hi, count)

@@ -20,10 +20,13 @@ import torch
 from pasa.kernels._triton_kernels import block_estimate_kernel, gumbel_kernel
 from pasa.noise import noise_key
 
-# Query groups per program (tl.dot M; 64 = one Hopper warpgroup MMA) and key blocks per inner
-# step (the N of the block-sum tl.dot, >= 16). Wan2.1-14B 720p, g = 32: 37 x 40 programs.
-_ROWS = 64
-_KEY_BLOCKS = 16
+# Launch shape, from benchmarks/estimator_tuning.py on H100 at the Wan2.1-14B 720p shape
+# (benchmarks/results/estimator-tuning-h100.json): 128 query groups per program (two Hopper
+# warpgroups, 8 warps) and 128 key groups per inner step, two stages: 1.06 ms against 1.23 ms for
+# the earlier 64 x 64 x 4 warps (bf16x3, pre-split keys). At g = 32: 19 x 40 programs.
+_ROWS = 128
+_KEY_GROUPS = 128  # per inner step; key blocks per step = max(16, this // groups per block)
+_MAX_GROUPS_PER_BLOCK = 64
 # Logit dot precision. "tf32x3": fp32-accurate logits (block mass within 1e-3 relative of the
 # fp32 reference). "bf16x3": three bf16 MMAs (~2^-16 relative on the products), about half the
 # MMA time of tf32x3. "tf32": one MMA, ~1e-3 relative on the logits.
@@ -41,7 +44,7 @@ DEFAULT_SINGLE_PASS = True
 # B*H*NG*D values) instead of in every program that streams them (N / QB times per head).
 DEFAULT_PRESPLIT = True
 # Launch shape; benchmarks/estimator_tuning.py measures the alternatives.
-_WARPS = 4
+_WARPS = 8
 
 
 @lru_cache(maxsize=64)
@@ -57,7 +60,7 @@ def supports(block_size: int, group_size: int, head_dim: int) -> bool:
     """Whether the kernel's tile constraints hold (power-of-two groups per block, <= 64)."""
     per_block = block_size // group_size
     pow2 = per_block & (per_block - 1) == 0 and group_size & (group_size - 1) == 0
-    return pow2 and per_block <= _ROWS and head_dim <= 256
+    return pow2 and per_block <= _MAX_GROUPS_PER_BLOCK and head_dim <= 256
 
 
 def grouped_block_estimate(
@@ -74,7 +77,7 @@ def grouped_block_estimate(
     need_share: bool = True,
     presplit: bool = DEFAULT_PRESPLIT,
     rows: int = _ROWS,
-    key_blocks: int = _KEY_BLOCKS,
+    key_blocks: int | None = None,
     num_warps: int = _WARPS,
     num_stages: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -90,7 +93,8 @@ def grouped_block_estimate(
             and then no ``(B, H, N, N)`` share is written).
         presplit: with ``bf16x3``, split the key means into bf16 hi + lo once, up front.
         rows, key_blocks, num_warps, num_stages: launch shape (query groups per program, key
-            blocks per inner step; powers of two, ``rows >= 16``, ``key_blocks >= 16``).
+            blocks per inner step; powers of two, ``rows >= 16``, ``key_blocks >= 16``; None:
+            128 key groups per step).
     Returns:
         ``(B, H, N, N)`` fp32 block mass and None; or with ``routing`` the row share (floored, as
         pasa/route.py; None unless ``need_share``) and the scores ``log share + tau * Gumbel``
@@ -111,7 +115,7 @@ def grouped_block_estimate(
     qg, kg = qg.contiguous(), kg.contiguous()
     device = qg.device
     qb = max(1, rows // per_block)
-    kbc = key_blocks
+    kbc = key_blocks or max(16, _KEY_GROUPS // per_block)
     presplit = presplit and precision == "bf16x3"
     kg_lo = kg  # unused unless presplit
     if presplit:
@@ -169,9 +173,9 @@ def grouped_block_estimate(
         NOISE=temperature > 0,
         PRESPLIT=presplit,
         num_warps=num_warps,
-        # Shared memory (compiled for sm_90): 164 KB tf32x3 / 99 KB bf16x3 at g = 32 with two
-        # stages; g = 16 (128 key groups per step) needs one stage to fit 227 KB.
-        num_stages=num_stages or (2 if per_block * kbc <= 64 else 1),
+        # Shared memory (sm_90, 128 x 128 tiles): two stages of bf16 hi + lo (or tf32) keys fit
+        # 227 KB; fp32 keys (tf32x3) take one.
+        num_stages=num_stages or (1 if precision == "tf32x3" else 2),
     )
     if routing is None:
         return mass, None
