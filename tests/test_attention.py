@@ -156,6 +156,26 @@ def test_non_finite_input_raises_unless_switched_off(bad):
     pasa.sparse_attention(q, k, v, grid=(2, 4, 4), config=DENSE.replace(check_finite=False))
 
 
+def test_deferred_finite_checks_raise_later_with_the_call_named():
+    q, k, v = qkv((2, 4, 4))
+    v[0, 5, 0, 1] = float("nan")
+    checks = pasa.FiniteChecks()
+    config = pasa.PASAConfig(density=0.5, block_size=16, group_size=8)
+    for layer in range(3):
+        pasa.sparse_attention(
+            q if layer == 2 else q.clone(),
+            k,
+            v if layer == 2 else v.nan_to_num(),
+            grid=(2, 4, 4),
+            config=config,
+            layer=layer,
+            finite_checks=checks,
+        )  # no error yet: the flags wait on the device
+    with pytest.raises(ValueError, match=r"v contains NaN or Inf \(layer 2, step 0\)"):
+        checks.raise_if_any()
+    checks.raise_if_any()  # the flags were consumed
+
+
 def test_plan_of_another_shape_is_rejected():
     q, k, _v = qkv((4, 16, 16), heads=2)
     plan = pasa.plan_blocks(q, k, grid=(4, 16, 16), config=DENSE)

@@ -147,3 +147,23 @@ def test_plan_provider_sees_frame_major_tokens(model):
     assert len(seen[True]) == len(seen[False]) > 0
     for streamed, per_call in zip(seen[True], seen[False], strict=True):
         torch.testing.assert_close(streamed, per_call, rtol=0, atol=1e-6)
+
+
+def test_non_finite_attention_input_raises_after_the_model_call(model):
+    def poison(module, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        hidden = hidden.clone()
+        hidden[0, 3] = float("nan")
+        if "hidden_states" in kwargs:
+            return args, dict(kwargs, hidden_states=hidden)
+        return (hidden, *args[1:]), kwargs
+
+    handle = model.blocks[1].attn1.register_forward_pre_hook(poison, with_kwargs=True)
+    apply(model, CONFIG)
+    try:
+        with pytest.raises(ValueError, match=r"contains NaN or Inf \(layer 1, step 0\)"):
+            _clip(model)
+    finally:
+        handle.remove()
+        remove(model)
+    assert torch.isfinite(_clip(model)).all()  # removed, and nothing left behind

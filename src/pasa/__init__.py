@@ -7,7 +7,7 @@ diffusers integration (``pip install 'pasa[diffusers]'``): :func:`apply`, :func:
 
 from typing import Any
 
-from pasa.attention import plan_blocks, sparse_attention
+from pasa.attention import FiniteChecks, plan_blocks, sparse_attention
 from pasa.budget import make_budget
 from pasa.config import PASAConfig
 from pasa.layout import TokenLayout, make_layout
@@ -21,6 +21,7 @@ _DIFFUSERS_NAMES = ("GenerationReport", "apply", "last_report", "remove")
 __all__ = [
     "BlockPlan",
     "BudgetProfile",
+    "FiniteChecks",
     "PASAConfig",
     "TokenLayout",
     "make_budget",

@@ -59,12 +59,55 @@ def validate_qkv(
         assert_finite({"q": q, "k": k, "v": v})
 
 
-def assert_finite(tensors: dict[str, torch.Tensor], means: dict | None = None) -> None:
+class FiniteChecks:
+    """Finiteness flags kept on the GPU and checked later, all with one host sync.
+
+    ``sparse_attention(..., finite_checks=checks)`` adds its flags here instead of synchronising
+    on every call; :meth:`raise_if_any` (the diffusers hook calls it after each model forward)
+    raises for the first call that saw NaN or Inf.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[tuple[str, ...], str, torch.Tensor]] = []
+
+    def add(self, names: tuple[str, ...], flags: torch.Tensor, where: str = "") -> None:
+        """Flags (bool, one per name; True = finite) of one call, still on the device."""
+        self._pending.append((names, where, flags))
+
+    def clear(self) -> None:
+        self._pending = []
+
+    def raise_if_any(self) -> None:
+        """Raise ValueError naming the first non-finite tensor; forget the flags either way."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        flat = torch.cat([flags.to(pending[0][2].device) for _, _, flags in pending]).tolist()
+        i = 0
+        for names, where, _ in pending:
+            for name in names:
+                if not flat[i]:
+                    at = f" ({where})" if where else ""
+                    raise ValueError(
+                        f"{name} contains NaN or Inf{at} (set PASAConfig(check_finite=False) to "
+                        "skip this check)"
+                    )
+                i += 1
+
+
+def assert_finite(
+    tensors: dict[str, torch.Tensor],
+    means: dict | None = None,
+    *,
+    defer: FiniteChecks | None = None,
+    where: str = "",
+) -> None:
     """Raise ValueError naming the first tensor that holds NaN or Inf; one host sync in all.
 
     A tensor is read once (``aminmax``: NaN and Inf reach its min or max); one whose ``(B, H, NG,
     D)`` fp32 group means are in ``means`` is judged by them instead (a NaN or Inf in a group makes
     its mean non-finite; so do magnitudes beyond ~1e37, outside any usable attention input).
+    With ``defer`` the flags go there and nothing synchronises now.
     """
     means = means or {}
     flags = []
@@ -74,11 +117,10 @@ def assert_finite(tensors: dict[str, torch.Tensor], means: dict | None = None) -
         else:
             lo, hi = torch.aminmax(t)
             flags.append(torch.isfinite(lo) & torch.isfinite(hi))
-    for name, ok in zip(tensors, torch.stack(flags).tolist(), strict=True):
-        if not ok:
-            raise ValueError(
-                f"{name} contains NaN or Inf (set PASAConfig(check_finite=False) to skip this check)"
-            )
+    checks = defer if defer is not None else FiniteChecks()
+    checks.add(tuple(tensors), torch.stack(flags), where)
+    if defer is None:
+        checks.raise_if_any()
 
 
 def layout_for(
@@ -191,6 +233,7 @@ def sparse_attention(
     head_offset: int = 0,
     tiled: bool = False,
     return_plan: bool = False,
+    finite_checks: FiniteChecks | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """PASA block-sparse self-attention.
 
@@ -210,6 +253,8 @@ def sparse_attention(
             output (and LSE) stay in it: for callers that keep that order across many layers,
             so the re-ordering is paid once, not per call.
         return_plan: also return the :class:`BlockPlan` that was computed (last element).
+        finite_checks: with ``config.check_finite``, collect the check's flags here instead of
+            synchronising with the host on this call (see :class:`FiniteChecks`).
     Returns:
         ``(B, S, H, D)`` in the input dtype; then the LSE when ``return_lse``; then the plan
         when ``return_plan``.
@@ -261,7 +306,12 @@ def sparse_attention(
     if pool is not None and qg is None:  # tiled inputs: pool q and k where they lie
         qg, kg = fast.group_means(qt, kt, pool) if fast is not None else _pool(qt, kt, pool)
     if config.check_finite:
-        assert_finite({"q": q, "k": k, "v": v}, None if qg is None else {"q": qg, "k": kg})
+        assert_finite(
+            {"q": q, "k": k, "v": v},
+            None if qg is None else {"q": qg, "k": kg},
+            defer=finite_checks,
+            where=f"layer {layer}, step {step}",
+        )
     if plan is None:
         plan = (
             BlockPlan.full(layout, q.shape[0], q.shape[2], q.device)

@@ -76,9 +76,9 @@ def grouped_block_estimate(
     single_pass: bool = DEFAULT_SINGLE_PASS,
     need_share: bool = True,
     presplit: bool = DEFAULT_PRESPLIT,
-    rows: int = _ROWS,
+    rows: int | None = None,
     key_blocks: int | None = None,
-    num_warps: int = _WARPS,
+    num_warps: int | None = None,
     num_stages: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Block mass, or (with ``routing``) the routing share and scores, from group means.
@@ -93,8 +93,9 @@ def grouped_block_estimate(
             and then no ``(B, H, N, N)`` share is written).
         presplit: with ``bf16x3``, split the key means into bf16 hi + lo once, up front.
         rows, key_blocks, num_warps, num_stages: launch shape (query groups per program, key
-            blocks per inner step; powers of two, ``rows >= 16``, ``key_blocks >= 16``; None:
-            128 key groups per step).
+            blocks per inner step; powers of two, ``rows >= 16``, ``key_blocks >= 16``). None:
+            128 query and 128 key groups on 8 warps; with ``tf32x3`` (fp32 operands, twice
+            the shared memory) 64 and 64 on 4 warps.
     Returns:
         ``(B, H, N, N)`` fp32 block mass and None; or with ``routing`` the row share (floored, as
         pasa/route.py; None unless ``need_share``) and the scores ``log share + tau * Gumbel``
@@ -114,8 +115,10 @@ def grouped_block_estimate(
     scale = dim**-0.5 if scale is None else float(scale)
     qg, kg = qg.contiguous(), kg.contiguous()
     device = qg.device
-    qb = max(1, rows // per_block)
-    kbc = key_blocks or max(16, _KEY_GROUPS // per_block)
+    wide = precision != "tf32x3"
+    qb = max(1, (rows or (_ROWS if wide else _ROWS // 2)) // per_block)
+    kbc = key_blocks or max(16, (_KEY_GROUPS if wide else _KEY_GROUPS // 2) // per_block)
+    num_warps = num_warps or (_WARPS if wide else _WARPS // 2)
     presplit = presplit and precision == "bf16x3"
     kg_lo = kg  # unused unless presplit
     if presplit:
@@ -173,9 +176,9 @@ def grouped_block_estimate(
         NOISE=temperature > 0,
         PRESPLIT=presplit,
         num_warps=num_warps,
-        # Shared memory (sm_90, 128 x 128 tiles): two stages of bf16 hi + lo (or tf32) keys fit
-        # 227 KB; fp32 keys (tf32x3) take one.
-        num_stages=num_stages or (1 if precision == "tf32x3" else 2),
+        # Shared memory (sm_90): two stages of 128 x 128 bf16 hi + lo (or tf32) keys fit 227 KB;
+        # tf32x3 at 64 x 64 takes 164 KB with two, one when a step spans more key groups.
+        num_stages=num_stages or (2 if wide or per_block * kbc <= 64 else 1),
     )
     if routing is None:
         return mass, None

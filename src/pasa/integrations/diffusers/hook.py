@@ -27,6 +27,7 @@ import torch
 from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
+from pasa.attention import FiniteChecks
 from pasa.budget import CurvatureTracker, StepBudget, make_budget
 from pasa.config import PASAConfig
 from pasa.integrations.diffusers.families import Family, Grid, bind_inputs, replace_input
@@ -123,6 +124,7 @@ class RunState:
         self._x_t: torch.Tensor | None = None
         self._computed = torch.zeros(())  # computed key blocks of the step (device tensor)
         self._total_blocks = 0
+        self.finite_checks = FiniteChecks()  # the model call's NaN / Inf flags, one sync per call
 
     def warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -150,6 +152,7 @@ class RunState:
         if name not in self._model_names:
             self._model_names.append(name)
 
+        self.finite_checks.clear()  # left over from a call that raised
         self.grid = family.grid(model, inputs)
         if self._first_grid is None:
             self._first_grid = self.grid
@@ -163,6 +166,7 @@ class RunState:
     def end_call(self, output: Any) -> None:
         self.active = False
         self.order = None
+        self.finite_checks.raise_if_any()
         if self._observe_pending:
             self._observe_pending = False
             v_t = _first_tensor(output)

@@ -207,7 +207,16 @@ class PASAProcessor:
             else:
                 q_in, k_in = q, k
             plan = state.plan_provider(layout, state.step, self.layer, q_in, k_in)
-        out, plan = sparse_attention(q, k, v, plan=plan, return_plan=True, tiled=tiled, **where)
+        out, plan = sparse_attention(
+            q,
+            k,
+            v,
+            plan=plan,
+            return_plan=True,
+            tiled=tiled,
+            finite_checks=state.finite_checks,  # checked once per model call (hook.py)
+            **where,
+        )
         state.record_plan(plan.kv_counts.sum(), plan.kv_counts.numel() * plan.num_kv_blocks)
         if state.on_plan is not None:
             state.on_plan(state.step, self.layer, head_offset, plan)
