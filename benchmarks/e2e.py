@@ -12,7 +12,10 @@ embedded). In one process, after warm-up, timed with CUDA events:
   linear layers, norms, cross-attention), so ``attention share = 1 - floor / cudnn``;
 - ``pasa-0.10``, ``pasa-0.15``: ``pasa.apply`` with a fixed density;
 - ``pasa-online``: the default online curvature budget at mean 0.15 over a full
-  ``--schedule-steps`` Euler schedule; the mean step time and the realised mean density.
+  ``--schedule-steps`` Euler schedule; the mean step time and the realised mean density;
+- ``cudnn+compile``, ``pasa-0.10+compile``, ``pasa-0.15+compile``: the same after
+  ``model.compile_repeated_blocks()`` (diffusers' regional torch.compile), timed after the eager
+  variants (the warm-up step compiles).
 
 PASA's overhead outside the kernel (hooks, permutation, estimate, routing) is
 ``pasa - floor - kernel``, with ``kernel`` the backend alone on one captured plan per layer,
@@ -104,6 +107,11 @@ SCENARIOS = {
     "smoke-hunyuan": Scenario("hunyuan", HUNYUAN_TINY, (3, 16, 16), 8, 1, "CPU smoke test"),
 }
 VARIANTS = ("cudnn", "fa4", "floor", "pasa-0.10", "pasa-0.15", "pasa-online")
+# The same with diffusers' regional compilation (``model.compile_repeated_blocks()``: one
+# transformer block compiled by torch.compile, reused by every block). PASA's processor stays
+# eager (one graph break per attention); the norms, modulation, MLP and cross-attention compile.
+# Compilation cannot be undone in-process, so these run after every eager variant.
+COMPILED = tuple(f"{v}+compile" for v in ("cudnn", "pasa-0.10", "pasa-0.15"))
 
 
 @dataclass
@@ -227,19 +235,25 @@ def run_scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
     stock_out = first_call()
     results: dict[str, Any] = {}
     unavailable: dict[str, str] = {}
-    for variant in args.variants:
+    compiled = False
+    eager_first = sorted(args.variants, key=lambda v: v.endswith("+compile"))
+    for name_ in eager_first:
+        variant = name_.removesuffix("+compile")
+        if name_.endswith("+compile") and not compiled:
+            model.compile_repeated_blocks(fullgraph=False)
+            compiled = True
         if variant == "cudnn":
-            results[variant] = timed()
+            results[name_] = timed()
         elif variant == "fa4":
             reason = get_backend("auto", device).name != "fa4" and "FA4 is not available here"
             if reason:
-                unavailable[variant] = reason
+                unavailable[name_] = reason
                 continue
             with self_attention_patched(model, fa4_dense):
-                results[variant] = timed()
+                results[name_] = timed()
         elif variant == "floor":
             with self_attention_patched(model, lambda q, k, v: v):
-                results[variant] = timed()
+                results[name_] = timed()
         elif variant.startswith("pasa-0"):
             config = pasa.PASAConfig(
                 density=float(variant.split("-")[1]), backend=args.backend, **blocks
@@ -247,26 +261,29 @@ def run_scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
             state = pasa.apply(model, config)
             plans: dict[int, Any] = {}
             state.on_plan = lambda _s, layer, _h, plan, plans=plans: plans.setdefault(layer, plan)
-            results[variant] = timed(before=state.finish)  # each timed step opens a fresh run
+            results[name_] = timed(before=state.finish)  # each timed step opens a fresh run
             state.finish()
             state.on_plan = None
-            results[variant]["kernel_ms"] = kernel_ms(plans, s, device, dtype, config, measure)
+            results[name_]["kernel_ms"] = kernel_ms(plans, s, device, dtype, config, measure)
             report = state.last_report.to_dict()
-            results[variant]["realised_density"] = report["mean_density"]
-            results[variant]["report"] = report
-            results[variant]["relative_l2_vs_stock"] = relative_error(first_call(), stock_out)
+            results[name_]["realised_density"] = report["mean_density"]
+            results[name_]["report"] = report
+            results[name_]["relative_l2_vs_stock"] = relative_error(first_call(), stock_out)
             state.finish()
             pasa.remove(model)
         elif variant == "pasa-online":
-            results[variant] = online_schedule(model, s, inputs, device, args, blocks, measure)
+            results[name_] = online_schedule(model, s, inputs, device, args, blocks, measure)
     floor = results.get("floor", {}).get("ms")
     cudnn = results.get("cudnn", {}).get("ms")
-    for r in results.values():
+    cudnn_compiled = results.get("cudnn+compile", {}).get("ms")
+    for key, r in results.items():
         if cudnn:
             r["speedup_vs_cudnn"] = cudnn / r["ms"]
+        if cudnn_compiled and key.endswith("+compile"):
+            r["speedup_vs_cudnn_compiled"] = cudnn_compiled / r["ms"]
         if "fa4" in results:
             r["speedup_vs_fa4"] = results["fa4"]["ms"] / r["ms"]
-        if floor is not None and "kernel_ms" in r:
+        if floor is not None and "kernel_ms" in r and not key.endswith("+compile"):
             r["overhead_ms"] = r["ms"] - floor - r["kernel_ms"]
             r["overhead_share_of_step"] = r["overhead_ms"] / r["ms"]
     grid = (s.latent[0], s.latent[1] // 2, s.latent[2] // 2)
@@ -343,7 +360,9 @@ def main() -> None:
     parser.add_argument(
         "--scenario", nargs="+", default=["wan2.1-1.3b-480p"], choices=list(SCENARIOS)
     )
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument(
+        "--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS + COMPILED
+    )
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=3)
@@ -364,7 +383,7 @@ def main() -> None:
                 for key in ("speedup_vs_cudnn", "overhead_share_of_step")
                 if key in res
             )
-            print(f"{name:18s} {variant:12s} {res['ms']:10.1f} ms/step{extra}")
+            print(f"{name:18s} {variant:18s} {res['ms']:10.1f} ms/step{extra}")
         share = r["attention_share_of_dense_step"]
         if share is not None:
             print(f"{name:18s} attention share of the dense cuDNN step: {share:.1%}")
