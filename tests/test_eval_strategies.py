@@ -31,7 +31,7 @@ def test_ablations_differ_from_pasa_in_one_field():
     base = STRATEGIES["pasa"].config(0.15)
     changed = {
         "pasa_no_grouped": {"group_size": 128},
-        "pasa_no_stochastic": {"temperature": 0.0},
+        "pasa_stochastic": {"temperature": 0.25},
         "pasa_no_curvature": {"budget": "fixed"},
         "pasa_approximate": {"approximate": True},
     }

@@ -99,7 +99,7 @@ def test_strategy_hooks(tmp_path):
     pasa = strategy_hooks(STRATEGIES["pasa"], 0.15, 20, tmp_path / "p.json")
     assert pasa.budget is None and pasa.config.budget == "profile"
     assert pasa.config.profile_path == str(tmp_path / "p.json")
-    assert pasa.config.selection == "top_k" and pasa.config.temperature == 0.25
+    assert pasa.config.selection == "top_k" and pasa.config.temperature == 0.0
     fixed = strategy_hooks(STRATEGIES["pasa_no_curvature"], 0.15, 20, tmp_path / "p.json")
     assert fixed.config.budget == "fixed" and fixed.config.profile_path is None
     warm = strategy_hooks(STRATEGIES["sparse_videogen"], 0.25, 20)

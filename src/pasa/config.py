@@ -29,7 +29,9 @@ class PASAConfig:
         group_size: tokens per group inside a block, the unit of the importance estimate.
             ``group_size == block_size`` is plain mean pooling (one group per block).
         tile: ``(tf, th, tw)`` box of video tokens that forms one block, or ``"auto"``.
-        temperature: tau >= 0 of the Gumbel selection bias; 0 is deterministic routing.
+        temperature: tau >= 0 of the Gumbel selection bias; 0 (the default) is deterministic
+            routing. On the testbed tau = 0.25 cost 0.4-0.8 dB PSNR on every clip and did not
+            lower flicker (docs/routing.md), so stochastic routing is opt-in.
         selection: ``"top_k"`` (the same count for every row; the default) or ``"top_p"``
             (per-row cumulative mass, one threshold chosen so that the mean count meets
             ``density``). On the testbed top-p lost 4-10 dB PSNR against top-k at equal density:
@@ -45,14 +47,15 @@ class PASAConfig:
         profile_path: JSON profile for ``budget="profile"``.
         approximate: cover unselected blocks with group-mean keys and values (ablation).
         backend: ``"auto"``, ``"reference"``, ``"flex"`` or ``"fa4"``.
-        check_finite: reject NaN / Inf inputs (costs one reduction per call).
+        check_finite: reject NaN / Inf inputs (judged from the estimate's group means for q and k
+            and one min / max of v; one host sync per call, per model call under ``pasa.apply``).
     """
 
     density: float = 0.15
     block_size: int = 128
     group_size: int = 32
     tile: tuple[int, int, int] | Literal["auto"] = "auto"
-    temperature: float = 0.25
+    temperature: float = 0.0
     selection: Selection = "top_k"
     min_blocks: int = 1
     max_blocks: int | None = None

@@ -15,11 +15,11 @@ static_window          STA / Radial-style static 3D local window: each query blo
                        until it meets the density; the same plan at every step, layer and head
 sparse_videogen        Sparse-VideoGen-style: first 20% of steps dense, then deterministic top-p
                        (mean-pooled estimate) at the density that keeps the run's mean on target
-pasa                   grouped estimate (g = 32), Gumbel routing (tau = 0.25), top-k rows (the
-                       library's defaults) and the curvature budget from a profile recorded
-                       by one calibration run on a caption outside the evaluation set
+pasa                   grouped estimate (g = 32), deterministic routing (tau = 0), top-k rows
+                       (the library's defaults) and the curvature budget from a profile
+                       recorded by one calibration run on a caption outside the evaluation set
 pasa_no_grouped        PASA with one group per block (mean-pooled estimate)
-pasa_no_stochastic     PASA with tau = 0
+pasa_stochastic        PASA with tau = 0.25 (stochastic routing; the default is tau = 0)
 pasa_no_curvature      PASA with a fixed per-step budget
 pasa_approximate       PASA plus the approximate branch for unselected blocks
 pasa_top_p             PASA with top-p rows (one coverage p per call) instead of top-k
@@ -158,8 +158,8 @@ STRATEGIES: dict[str, Strategy] = {
         Strategy("pasa", "PASA", _pasa(), calibrated=True),
         Strategy("pasa_no_grouped", "PASA without grouped estimate", _pasa(group_size=128),
                  calibrated=True),
-        Strategy("pasa_no_stochastic", "PASA without stochastic routing",
-                 _pasa(temperature=0.0), calibrated=True),
+        Strategy("pasa_stochastic", "PASA with stochastic routing (tau = 0.25)",
+                 _pasa(temperature=0.25), calibrated=True),
         Strategy("pasa_no_curvature", "PASA without curvature budget (fixed per step)", _pasa()),
         Strategy("pasa_approximate", "PASA with approximate branch", _pasa(approximate=True),
                  calibrated=True),
