@@ -88,6 +88,28 @@ def test_unreachable_density_is_skipped_and_runs_resume(checkpoint, tmp_path, ca
         )  # fmt: skip
 
 
+def test_resume_reuses_the_calibration_profile(checkpoint, tmp_path, monkeypatch):
+    import pasa.eval.suite as suite
+
+    kw = dict(
+        captions=["a red circle moves left."], densities=[0.25], strategies=["pasa"], steps=4,
+        size=64, frames=8, out_dir=tmp_path, device="cpu", progress=False,
+    )  # fmt: skip
+    first = run_suite(checkpoint, seeds=[0], **kw)
+    recorded = (tmp_path / "budget_profile.json").read_text()
+
+    def must_not_calibrate(*args, **kwargs):
+        raise AssertionError("resume recorded the profile again")
+
+    monkeypatch.setattr(suite, "calibrate_profile", must_not_calibrate)
+    second = run_suite(checkpoint, seeds=[0, 3], resume=True, **kw)
+    assert (tmp_path / "budget_profile.json").read_text() == recorded
+    assert (
+        second.results["settings"]["budget profile"] == first.results["settings"]["budget profile"]
+    )
+    assert [r["seed"] for r in second.results["runs"]] == [0, 3]
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert main(["--checkpoint", str(tmp_path / "no.safetensors"), "--out", str(tmp_path)]) == 2
     assert "not found" in capsys.readouterr().err

@@ -47,6 +47,7 @@ from pasa.eval.report import (
     write_results_markdown,
 )
 from pasa.eval.strategies import STRATEGIES, get_strategy
+from pasa.profile import BudgetProfile
 
 DENSITIES = (0.10, 0.15, 0.25)
 
@@ -181,7 +182,9 @@ def run_suite(
     profile_path = None
     if any(s.calibrated for s in chosen):
         profile_path = out / "budget_profile.json"
-        profile = calibrate_profile(model, config, profile_path, **common)
+        profile = _resumed_profile(profile_path, steps) if done else None
+        if profile is None:
+            profile = calibrate_profile(model, config, profile_path, **common)
         results["settings"]["budget profile"] = {
             "file": profile_path.name,
             "calibration caption": "first caption of data seed "
@@ -233,6 +236,21 @@ def run_suite(
 
 
 _RESUME_KEYS = ("checkpoint", "training steps", "clip", "steps", "densities", "strategies")
+
+
+def _resumed_profile(path: Path, steps: int) -> BudgetProfile | None:
+    """The calibration profile a resumed run's finished clips used, if it is there and fits.
+
+    Calibration is deterministic, so recording it again would give the same profile; reusing it
+    saves one dense generation and keeps the resumed clips provably on the same budget.
+    """
+    if not path.is_file():
+        return None
+    try:
+        profile = BudgetProfile.load(path)
+    except (OSError, ValueError):  # unreadable or not a profile: record it again
+        return None
+    return profile if profile.num_steps == steps else None
 
 
 def _resume(path: Path, results: dict[str, Any]) -> set[tuple[int, int]]:
