@@ -61,3 +61,16 @@ def test_checkpoint_errors(tmp_path):
     save_file({"w": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
     with pytest.raises(CheckpointError, match="not a PASA testbed"):
         load_testbed(tmp_path / "foreign.safetensors")
+
+
+def test_text_context_defaults_and_presets():
+    from pasa.testbed.model import DEFAULT_CHECKPOINT, TestbedConfig, read_record
+
+    assert TestbedConfig().text_context == "none"  # what configs written before it existed mean
+    assert TESTBED.text_context == TINY.text_context == "bigram"  # new training runs
+    assert TestbedConfig.from_dict({"frames": 4}).text_context == "none"
+    assert TINY.text_encoder().context == "bigram"
+    with pytest.raises(ValueError, match="text_context must be one of"):
+        TestbedConfig(text_context="bag")
+    shipped = TestbedConfig.from_dict(read_record(DEFAULT_CHECKPOINT)["config"])
+    assert shipped.text_context == "none"  # the shipped checkpoint learned plain word vectors

@@ -40,3 +40,26 @@ def test_order_matters_and_tokenize():
         "3",
         "spins",
     ]
+
+
+def test_bigram_context_gives_each_word_its_neighbours():
+    plain = HashedTextEncoder(dim=32, max_tokens=8)
+    ctx = HashedTextEncoder(dim=32, max_tokens=8, context="bigram")
+    a, mask = ctx(["a striped blue background", "a big blue circle"])
+    again, _ = HashedTextEncoder(dim=32, max_tokens=8, context="bigram")(
+        ["a striped blue background"]
+    )
+    assert torch.equal(a[0], again[0])  # deterministic
+    assert mask[0].tolist() == [True] * 4 + [False] * 4 and a[0, 4:].abs().sum() == 0
+    # "blue" is one vector without context and two different ones with it
+    p, _ = plain(["a striped blue background", "a big blue circle"])
+    assert torch.equal(p[0, 2], p[1, 2])
+    assert not torch.allclose(a[0, 2], a[1, 2])
+    # before the position code each word vector keeps unit RMS
+    words = a[0, :4] - plain._positions[:4]
+    assert words.pow(2).mean(-1).sqrt().tolist() == pytest.approx([1.0] * 4)
+    assert ctx([""])[0].abs().sum() == 0  # unconditional input unchanged
+    one, _ = ctx(["circle"])  # a single word has no bigrams: the plain vector
+    assert torch.allclose(one[0, 0], plain(["circle"])[0][0, 0])
+    with pytest.raises(ValueError, match="context must be one of"):
+        HashedTextEncoder(dim=8, context="trigram")

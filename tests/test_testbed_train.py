@@ -186,6 +186,17 @@ def test_compact_resume_continues(tmp_path):
     assert max(abs(a - b) for a, b in zip(resumed, losses[k:], strict=True)) < noise / 1000
 
 
+def test_state_of_another_text_context_is_refused_with_the_flag_to_continue_it(tmp_path):
+    first = Trainer(_args(tmp_path / "a", "--total-steps", "1", "--text-context", "none"))
+    first.train_step()
+    first.save_compact(tmp_path / "state")
+    with pytest.raises(StateError, match="pass --text-context none to continue it"):
+        Trainer(_args(tmp_path / "b", "--resume-from", str(tmp_path / "state")))
+    again = Trainer(_args(tmp_path / "c", "--text-context", "none", "--resume-from",
+                          str(tmp_path / "state")))  # fmt: skip
+    assert again.step == 1 and again.config.text_context == "none"
+
+
 def test_compact_state_at_step_zero_is_lossless(tmp_path):
     # Nothing lossy at step 0: fp32 weights (the tiny state fits), EMA equal to the weights, no
     # optimizer moments yet; the resumed run then matches an uninterrupted one bit for bit.

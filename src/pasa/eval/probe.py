@@ -85,7 +85,6 @@ def attention_recall_report(
     from pasa.testbed.data import make_batch
     from pasa.testbed.flow import NUM_TRAIN_TIMESTEPS, noisy_input
     from pasa.testbed.model import pixels_to_latents
-    from pasa.testbed.text import HashedTextEncoder
 
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
@@ -98,7 +97,7 @@ def attention_recall_report(
         device=device,
     )
     latents = pixels_to_latents(pixels, config.pixel_factor)
-    text, _ = HashedTextEncoder(config.text_dim, config.max_text_tokens)(captions, device=device)
+    text, _ = config.text_encoder()(captions, device=device)
     grid = config.token_grid()
     layout = make_layout(grid, block_size=block_size, device=device)
     gen = torch.Generator().manual_seed(data_seed)

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from pasa.testbed.text import CONTEXTS, HashedTextEncoder
+
 FORMAT_VERSION = 1
 METADATA_KEY = "pasa_testbed"
 DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoint" / "testbed.safetensors"
@@ -59,8 +61,13 @@ class TestbedConfig:
     freq_dim: int = 256
     text_dim: int = 64
     max_text_tokens: int = 96
+    # "none": one hashed vector per word (the shipped checkpoint); "bigram": each word also
+    # carries its bigrams with its neighbours (pasa/testbed/text.py), the preset for new runs.
+    text_context: str = "none"
 
     def __post_init__(self) -> None:
+        if self.text_context not in CONTEXTS:
+            raise ValueError(f"text_context must be one of {CONTEXTS}, got {self.text_context!r}")
         step = 2 * self.pixel_factor
         if self.height % step or self.width % step:
             raise ValueError(
@@ -71,6 +78,10 @@ class TestbedConfig:
             raise ValueError(
                 f"head_dim={self.head_dim} must be even and >= 6 (Wan's 3D rotary code)"
             )
+
+    def text_encoder(self) -> HashedTextEncoder:
+        """The caption encoder this model was (or is being) trained with."""
+        return HashedTextEncoder(self.text_dim, self.max_text_tokens, self.text_context)
 
     @property
     def latent_channels(self) -> int:
@@ -112,11 +123,12 @@ class TestbedConfig:
         return cls(**data)
 
 
-# The shipped model (about 9.6M parameters, 19 MB in bf16) and a tiny one for CPU tests.
-TESTBED = TestbedConfig()
+# The shipped model's shape (about 9.6M parameters, 19 MB in bf16; the shipped checkpoint itself
+# has text_context "none") and a tiny one for CPU tests; new training runs use bigram captions.
+TESTBED = TestbedConfig(text_context="bigram")
 TINY = TestbedConfig(
     frames=4, height=32, width=32, pixel_factor=2, num_layers=2, num_heads=2, head_dim=12,
-    ffn_dim=48, freq_dim=16, text_dim=8, max_text_tokens=96,
+    ffn_dim=48, freq_dim=16, text_dim=8, max_text_tokens=96, text_context="bigram",
 )  # fmt: skip
 PRESETS = {"testbed": TESTBED, "tiny": TINY}
 

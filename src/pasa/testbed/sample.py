@@ -18,7 +18,6 @@ import torch
 
 from pasa.testbed.flow import NUM_TRAIN_TIMESTEPS, sigma_schedule
 from pasa.testbed.model import TestbedConfig, latents_to_pixels
-from pasa.testbed.text import HashedTextEncoder
 
 StepCallback = Callable[[int, float, torch.Tensor, torch.Tensor], None]
 
@@ -84,7 +83,7 @@ def sample(
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     frames, height, width = frames or config.frames, height or config.height, width or config.width
-    encoder = HashedTextEncoder(config.text_dim, config.max_text_tokens)
+    encoder = config.text_encoder()
     cond, _ = encoder([caption], device=device)
     uncond, _ = encoder([""], device=device)
     x = initial_noise(config, seed, frames=frames, height=height, width=width).to(device)

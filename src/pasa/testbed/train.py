@@ -24,7 +24,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -57,7 +57,7 @@ from pasa.testbed.state import (
     read_state_parts,
     write_state_parts,
 )
-from pasa.testbed.text import HashedTextEncoder
+from pasa.testbed.text import CONTEXTS
 
 STATE_FILE = "state.pt"
 _SAVE_MARGIN_S = 30.0  # stop this long before --max-minutes: time to write the checkpoint
@@ -79,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="run directory (state.pt, log.jsonl)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="testbed")
+    p.add_argument(
+        "--text-context",
+        choices=CONTEXTS,
+        default=None,
+        help="caption encoding (default: the preset's, 'bigram'; 'none' continues a state "
+        "trained before bigram captions, such as the shipped checkpoint's)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from OUT/state.pt if present")
     p.add_argument(
         "--state-out",
@@ -191,8 +198,10 @@ class Trainer:
         else:
             self.device = torch.device("cpu")
         self.config = PRESETS[args.preset]
+        if args.text_context is not None:
+            self.config = replace(self.config, text_context=args.text_context)
         self.sizes, self.size_weights = _parse_sizes(args, self.config)
-        self.text = HashedTextEncoder(self.config.text_dim, self.config.max_text_tokens)
+        self.text = self.config.text_encoder()
         torch.manual_seed(args.seed)  # identical initial weights on every rank
         self.model = build_model(self.config).to(self.device).train()
         if args.grad_checkpointing:
@@ -232,10 +241,22 @@ class Trainer:
             "history": self.history,
         }
 
+    def _check_config(self, saved: dict | None, where: Path) -> None:
+        """Refuse a state trained with another model or text encoding (fields missing from an
+        older state take their defaults: ``text_context`` "none")."""
+        try:
+            config = TestbedConfig.from_dict(saved or {})
+        except (TypeError, ValueError) as exc:
+            raise StateError(f"{where} holds no usable testbed config ({exc})") from exc
+        if config != self.config:
+            hint = ""
+            if replace(config, text_context=self.config.text_context) == self.config:
+                hint = f" (pass --text-context {config.text_context} to continue it)"
+            raise StateError(f"{where} was trained with a different config: {asdict(config)}{hint}")
+
     def _load(self, path: Path) -> None:
         state = torch.load(path, map_location=self.device, weights_only=True)
-        if state["config"] != asdict(self.config):
-            raise ValueError(f"{path} was trained with a different config: {state['config']}")
+        self._check_config(state["config"], path)
         self.model.load_state_dict(state["model"])
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
@@ -321,11 +342,7 @@ class Trainer:
 
     def _load_compact(self, directory: Path) -> None:
         tensors, manifest = read_state_parts(directory)
-        if manifest.get("config") != asdict(self.config):
-            raise StateError(
-                f"the state in {directory} was trained with a different config: "
-                f"{manifest.get('config')}"
-            )
+        self._check_config(manifest.get("config"), directory)
         codec = manifest["codecs"]["weights"]
         names = [n for n, _ in self.model.named_parameters()]
         if sorted(f"w.{n}" for n in names) != sorted(k for k in tensors if k.startswith("w.")):
