@@ -1,0 +1,40 @@
+"""pasa.eval.caption_probe on a tiny random checkpoint: the report's fields, bounds and errors."""
+
+import json
+
+import pytest
+import torch
+
+from pasa.eval.caption_probe import caption_use_report, main
+from pasa.testbed.model import TINY, build_model, save_testbed
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    return save_testbed(build_model(TINY), TINY, path, training={"steps": 0})
+
+
+def test_report_fields_and_bounds(checkpoint):
+    report = caption_use_report(checkpoint, clips=3, times=(0.9, 0.5), size=32)
+    assert report["text_context"] == "bigram" and report["clips"] == 3
+    assert set(report["loss_gain"]) == {"t=0.9", "t=0.5"}
+    for row in report["loss_gain"].values():
+        assert row["true"] > 0 and row["shuffled"] > 0
+        assert row["gain"] == pytest.approx(
+            (row["shuffled"] - row["true"]) / row["shuffled"], abs=1e-4
+        )
+    words = report["word_attention_per_layer"]
+    assert len(words) == TINY.num_layers and all(0.0 <= w <= 1.0 for w in words)
+    assert 0.0 < report["word_positions_share"] < 1.0
+
+
+def test_cli_writes_json_and_names_bad_input(checkpoint, tmp_path, capsys):
+    out = tmp_path / "probe.json"
+    assert main([str(checkpoint), "--clips", "2", "--size", "32", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["clips"] == 2
+    assert "cross-attention mass on words" in capsys.readouterr().out
+    assert main([str(checkpoint), "--clips", "1", "--size", "32"]) == 2
+    assert "clips must be at least 2" in capsys.readouterr().err
+    assert main([str(tmp_path / "missing.safetensors")]) == 2
