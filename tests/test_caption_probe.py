@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from pasa.eval.caption_probe import caption_use_report, main
+from pasa.eval.caption_probe import background_colours, caption_use_report, main
 from pasa.testbed.model import TINY, build_model, save_testbed
 
 
@@ -38,3 +38,16 @@ def test_cli_writes_json_and_names_bad_input(checkpoint, tmp_path, capsys):
     assert main([str(checkpoint), "--clips", "1", "--size", "32"]) == 2
     assert "clips must be at least 2" in capsys.readouterr().err
     assert main([str(tmp_path / "missing.safetensors")]) == 2
+
+
+def test_background_colour_check(checkpoint):
+    rows = background_colours(checkpoint, colours=("red", "blue"), guidances=(1.0, 2.0), steps=2,
+                              size=32, frames=4)  # fmt: skip
+    assert [(r["colour"], r["guidance"]) for r in rows] == [
+        ("red", 1.0),
+        ("red", 2.0),
+        ("blue", 1.0),
+        ("blue", 2.0),
+    ]
+    assert all(len(r["mean_rgb"]) == 3 and all(0 <= c <= 1 for c in r["mean_rgb"]) for r in rows)
+    assert rows[0]["target_rgb"] == (0.90, 0.12, 0.12)

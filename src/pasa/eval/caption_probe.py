@@ -6,9 +6,11 @@
   background colour alone already gains several percent at high noise.
 - **word attention**: per layer, the share of the cross-attention's softmax mass that lands on
   word positions rather than padding (uniform attention would give words / positions).
+- with ``--colours``: the mean colour of clips sampled from one caption whose background colour
+  word alone changes (a model that follows its captions moves it toward each colour).
 
     python -m pasa.eval.caption_probe                      # the shipped checkpoint, on the CPU
-    python -m pasa.eval.caption_probe other.safetensors --json caption_probe.json
+    python -m pasa.eval.caption_probe other.safetensors --json caption_probe.json --colours
 """
 
 from __future__ import annotations
@@ -119,6 +121,38 @@ def caption_use_report(
     }
 
 
+COLOUR_CAPTION = "a big white circle stays still. one shapes. the camera stays still over a striped {} background."
+
+
+@torch.no_grad()
+def background_colours(
+    checkpoint: Any = None,
+    *,
+    colours: tuple[str, ...] = ("blue", "yellow", "red", "green"),
+    guidances: tuple[float, ...] = (1.0, 4.0),
+    steps: int = 12,
+    size: int = 128,
+    frames: int = 8,
+    seed: int = 0,
+    device: str = "cpu",
+) -> list[dict[str, Any]]:
+    """Mean RGB (0..1) of clips from :data:`COLOUR_CAPTION` with each background colour, one seed."""
+    from pasa.testbed.sample import sample
+    from pasa.testbed.scene import COLORS
+
+    model, config, _ = load_testbed(checkpoint or DEFAULT_CHECKPOINT, device=device)
+    rows = []
+    for colour in colours:
+        for guidance in guidances:
+            clip = sample(model, config, COLOUR_CAPTION.format(colour), seed=seed,
+                          num_steps=steps, guidance=guidance, frames=frames, height=size,
+                          width=size).frames  # fmt: skip
+            rgb = ((clip + 1) / 2).mean(dim=(1, 2, 3))
+            rows.append({"colour": colour, "guidance": guidance, "target_rgb": COLORS[colour],
+                         "mean_rgb": [round(float(x), 4) for x in rgb]})  # fmt: skip
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pasa.eval.caption_probe", description=__doc__.splitlines()[0]
@@ -128,11 +162,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=128, help="clip side in pixels")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", help="also write the report here")
+    parser.add_argument(
+        "--colours", action="store_true", help="also sample the background-colour check"
+    )
     args = parser.parse_args(argv)
     try:
         report = caption_use_report(
             args.checkpoint, clips=args.clips, size=args.size, device=args.device
         )
+        if args.colours:
+            report["background_colours"] = background_colours(
+                args.checkpoint, size=args.size, device=args.device
+            )
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"caption_probe: {exc}", file=sys.stderr)
         return 2
@@ -142,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"word positions: {report['word_positions_share']:.0%} of the text tokens; "
           "cross-attention mass on words per layer: "
           + ", ".join(f"{w:.2f}" for w in report["word_attention_per_layer"]))  # fmt: skip
+    for row in report.get("background_colours", []):
+        print(f"background {row['colour']:6s} guidance {row['guidance']}: mean RGB "
+              f"{row['mean_rgb']} (target {row['target_rgb']})")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     return 0
