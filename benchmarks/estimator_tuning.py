@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _diffusers_common import git_commit
+from _diffusers_common import git_commit, write_json
 from attention import SCENARIOS, cuda_time_ms, environment
 
 import pasa
@@ -198,8 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(out["best"], indent=1))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=1) + "\n")
+        write_json(out, args.out)
     return 0
 
 

@@ -30,6 +30,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
+from _diffusers_common import write_json
 
 VARIANTS = ("none", "repeat", "bigram", "oracle")
 SETUP = dict(
@@ -134,8 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['variant']:8s} gain at t=0.9 {last['t=0.9']['gain']:+.4f}, "
               f"t=0.6 {last['t=0.6']['gain']:+.4f}")  # fmt: skip
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=1) + "\n")
+        write_json(out, args.out)
     return 0
 
 
