@@ -223,7 +223,9 @@ def test_tiled_inputs_and_returned_plan_match_the_plain_call():
     assert torch.equal(plan.kv_indices, expected.kv_indices)
     layout = plan.layout
     qt, kt, vt = (layout.to_blocks(t) for t in (q, k, v))
-    tiled_plan = pasa.plan_blocks(qt, kt, grid=grid, config=config, num_text_tokens=text, tiled=True)
+    tiled_plan = pasa.plan_blocks(
+        qt, kt, grid=grid, config=config, num_text_tokens=text, tiled=True
+    )
     assert torch.equal(tiled_plan.kv_indices, plan.kv_indices)
     out_t, lse_t = pasa.sparse_attention(
         qt, kt, vt, grid=grid, config=config, num_text_tokens=text, return_lse=True, tiled=True

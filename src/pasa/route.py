@@ -111,7 +111,9 @@ def select_blocks(
     share = (share + _MASS_FLOOR) / (1.0 + _MASS_FLOOR * cols)
     scores = routing_scores(share, config=config, step=step, layer=layer, head_offset=head_offset)
     scores = scores.masked_fill(forced | dense_rows[:, None], float("inf"))
-    order = scores.argsort(dim=-1, descending=True, stable=True)  # (B, H, Nq, Nk); ties: lower index
+    order = scores.argsort(
+        dim=-1, descending=True, stable=True
+    )  # (B, H, Nq, Nk); ties: lower index
 
     if config.selection == "top_k":
         counts = torch.full_like(lo, round(density * cols)).clamp(min=lo, max=hi)
