@@ -28,25 +28,13 @@ from attention import SCENARIOS, cuda_time_ms, environment
 
 import pasa
 from pasa.estimate import group_pool
+from pasa.eval.metrics import plan_jaccard
 from pasa.kernels.estimate_triton import grouped_block_estimate, noise_key
 from pasa.kernels.permute import group_means
 from pasa.kernels.route_triton import _bounds, topk_plan
 from pasa.layout import make_layout
+from pasa.plan import BlockPlan
 from pasa.route import _MASS_FLOOR
-
-
-def _jaccard(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor], n: int):
-    """Mean over rows of |A ∩ B| / |A ∪ B| of two plans (kv_indices, kv_counts)."""
-
-    def mask(idx, cnt):  # padding slots repeat an index: add up, do not overwrite
-        m = torch.zeros((*cnt.shape, n), dtype=torch.int32, device=cnt.device)
-        slot = torch.arange(idx.shape[-1], device=cnt.device) < cnt[..., None]
-        return m.scatter_add_(-1, idx.long(), slot.int()) > 0
-
-    ma, mb = mask(*a), mask(*b)
-    inter = (ma & mb).sum(-1).float()
-    union = (ma | mb).sum(-1).float().clamp(min=1)
-    return float((inter / union).mean())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     # The launch before this sweep: the reference every candidate is held to.
     base_kw = dict(presplit=False, rows=64, key_blocks=16, num_warps=4, num_stages=2)
     _, ref_scores = grouped_block_estimate(qg, kg, **common, **base_kw)
-    ref_plan = topk_plan(ref_scores, lo, hi, count)
+    ref_plan = BlockPlan(*topk_plan(ref_scores, lo, hi, count), layout)
     finite = torch.isfinite(ref_scores)
     candidates = [dict(base_kw, precision="bf16x3")]
     for rows, kb, warps, stages in itertools.product((64, 128), (16, 32), (4, 8), (2, 3)):
@@ -148,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.synchronize()
             compile_s = time.perf_counter() - t0
             err = float((scores[finite] - ref_scores[finite]).abs().max())
-            jac = _jaccard(topk_plan(scores, lo, hi, count), ref_plan, n)
+            jac = plan_jaccard(BlockPlan(*topk_plan(scores, lo, hi, count), layout), ref_plan)
             ms = t_ms(lambda kw=kw: grouped_block_estimate(qg, kg, **common, **kw))
         except Exception as e:
             report("estimate", {"variant": kw, "error": f"{type(e).__name__}: {str(e)[:200]}"})
@@ -180,7 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         kw = dict(rows_per_program=rows, num_warps=warps)
         try:
             plan = topk_plan(ref_scores, lo, hi, count, **kw)
-            same = bool(torch.equal(plan[0], ref_plan[0]) and torch.equal(plan[1], ref_plan[1]))
+            same = bool(
+                torch.equal(plan[0], ref_plan.kv_indices)
+                and torch.equal(plan[1], ref_plan.kv_counts)
+            )
             ms = t_ms(lambda kw=kw: topk_plan(ref_scores, lo, hi, count, **kw))
         except Exception as e:
             report("route", {"variant": kw, "error": f"{type(e).__name__}: {str(e)[:200]}"})

@@ -58,6 +58,7 @@ def _text(variant: str, captions: list[str], config) -> torch.Tensor:
 def run_variant(variant: str, clips: int, held: int, steps: int, batch: int, seed: int) -> dict:
     """Train one model from scratch; the held-out losses every quarter of the run."""
     from pasa.testbed.data import make_batch
+    from pasa.testbed.flow import NUM_TRAIN_TIMESTEPS, noisy_input
     from pasa.testbed.model import TestbedConfig, build_model, pixels_to_latents
 
     torch.set_num_threads(1)
@@ -73,10 +74,10 @@ def run_variant(variant: str, clips: int, held: int, steps: int, batch: int, see
 
     def loss(x0, c, t, noise_seed):
         eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(noise_seed))
-        tt = t.view(-1, 1, 1, 1, 1)
-        v = model(hidden_states=(1 - tt) * x0 + tt * eps, timestep=t * 1000,
-                  encoder_hidden_states=c, return_dict=False)[0]  # fmt: skip
-        return ((v - (eps - x0)) ** 2).mean()
+        xt, target = noisy_input(x0, eps, t)
+        v = model(hidden_states=xt, timestep=t * NUM_TRAIN_TIMESTEPS, encoder_hidden_states=c,
+                  return_dict=False)[0]  # fmt: skip
+        return ((v - target) ** 2).mean()
 
     rows, start = [], time.perf_counter()
     held_x, held_c = latents[clips:], text[clips:]

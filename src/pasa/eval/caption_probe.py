@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from pasa.testbed.data import make_batch
+from pasa.testbed.flow import NUM_TRAIN_TIMESTEPS, noisy_input
 from pasa.testbed.model import (
     DEFAULT_CHECKPOINT,
     describe_checkpoint,
@@ -92,22 +93,22 @@ def caption_use_report(
     text, mask = config.text_encoder()(captions, device=device)
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).to(device)
 
-    def velocity(t: float, cond: torch.Tensor) -> torch.Tensor:
-        xt = (1 - t) * x0 + t * eps
-        timestep = torch.full((clips,), t * 1000.0, device=device)
-        return model(hidden_states=xt, timestep=timestep, encoder_hidden_states=cond,
-                     return_dict=False)[0]  # fmt: skip
+    def loss(t: float, cond: torch.Tensor) -> float:
+        tt = torch.full((clips,), t, device=device)
+        xt, target = noisy_input(x0, eps, tt)
+        v = model(hidden_states=xt, timestep=tt * NUM_TRAIN_TIMESTEPS, encoder_hidden_states=cond,
+                  return_dict=False)[0]  # fmt: skip
+        return float(((v - target) ** 2).mean())
 
     gains = {}
     for t in times:
-        true = float(((velocity(t, text) - (eps - x0)) ** 2).mean())
-        shuffled = float(((velocity(t, text.roll(1, 0)) - (eps - x0)) ** 2).mean())
+        true, shuffled = loss(t, text), loss(t, text.roll(1, 0))
         gains[f"t={t}"] = {
             "true": round(true, 5),
             "shuffled": round(shuffled, 5),
             "gain": round((shuffled - true) / shuffled, 5),
         }
-    words = _word_attention(model, lambda: velocity(0.6, text), mask)
+    words = _word_attention(model, lambda: loss(0.6, text), mask)
     return {
         "checkpoint": describe_checkpoint(path),
         "training steps": (record.get("training") or {}).get("steps"),
