@@ -197,6 +197,37 @@ def test_state_of_another_text_context_is_refused_with_the_flag_to_continue_it(t
     assert again.step == 1 and again.config.text_context == "none"
 
 
+def test_init_from_warm_starts_a_new_run_on_other_captions(tmp_path):
+    old = Trainer(_args(tmp_path / "a", "--total-steps", "2", "--text-context", "none"))
+    old.train_step()
+    old.train_step()
+    old.save_compact(tmp_path / "old")
+    new = Trainer(_args(tmp_path / "b", "--total-steps", "4", "--text-context", "bigram",
+                        "--init-from", str(tmp_path / "old"), "--state-out",
+                        str(tmp_path / "new")))  # fmt: skip
+    assert new.step == 0 and new.samples == 0 and not new.opt.state
+    assert new.config.text_context == "bigram"
+    for e, m, w in zip(old.ema.parameters(), new.model.parameters(), new.ema.parameters(),
+                       strict=True):  # fmt: skip
+        # model and EMA start at the old EMA (int8 codes of ema - weights)
+        assert torch.equal(m, w) and torch.allclose(m, e, rtol=0, atol=1e-3)
+    new.run()
+    record = json.loads((tmp_path / "new" / "state.manifest.json").read_text())["trained_by"]
+    assert record["init_from"]["steps"] == 2 and record["init_from"]["text_context"] == "none"
+    # The next call resumes the new run and still records where it started.
+    later = Trainer(_args(tmp_path / "c", "--total-steps", "5", "--resume-from",
+                          str(tmp_path / "new")))  # fmt: skip
+    later.run()
+    ckpt = later.export(tmp_path / "t.safetensors")
+    training = load_testbed(ckpt)[2]["training"]
+    assert training["steps"] == 5 and training["init_from"]["steps"] == 2
+    with pytest.raises(ValueError, match="give one"):
+        Trainer(_args(tmp_path / "d", "--init-from", str(tmp_path / "old"), "--resume-from",
+                      str(tmp_path / "new")))  # fmt: skip
+    with pytest.raises(StateError, match="no training state"):
+        Trainer(_args(tmp_path / "e", "--init-from", str(tmp_path / "nowhere")))
+
+
 def test_compact_state_at_step_zero_is_lossless(tmp_path):
     # Nothing lossy at step 0: fp32 weights (the tiny state fits), EMA equal to the weights, no
     # optimizer moments yet; the resumed run then matches an uninterrupted one bit for bit.

@@ -101,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue from the compact state in DIR (when --resume found no OUT/state.pt)",
     )
     p.add_argument(
+        "--init-from",
+        default=None,
+        metavar="DIR",
+        help="start a new run (step 0, fresh optimizer and warm-up) from the EMA weights of the "
+        "compact state in DIR; the text encoding may differ (a warm start onto new captions)",
+    )
+    p.add_argument(
         "--state-weights",
         choices=("auto", "fp32", "fp24"),
         default="auto",
@@ -186,6 +193,10 @@ class Trainer:
     """One run: model, EMA, optimizer, step counter, and the step function."""
 
     def __init__(self, args: argparse.Namespace) -> None:
+        if args.init_from and args.resume_from:
+            raise ValueError(
+                "--init-from starts a new run and --resume-from continues one: give one"
+            )
         self.args = args
         self.rank, local_rank, self.world = _dist_info()
         if self.world > 1 and not dist.is_initialized():
@@ -219,6 +230,8 @@ class Trainer:
             self._load(self.out / STATE_FILE)
         elif args.resume_from:
             self._load_compact(Path(args.resume_from))
+        elif args.init_from:
+            self._init_from(Path(args.init_from))
         net = self.model
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -241,18 +254,72 @@ class Trainer:
             "history": self.history,
         }
 
-    def _check_config(self, saved: dict | None, where: Path) -> None:
+    def _check_config(
+        self, saved: dict | None, where: Path, any_text_context: bool = False
+    ) -> TestbedConfig:
         """Refuse a state trained with another model or text encoding (fields missing from an
-        older state take their defaults: ``text_context`` "none")."""
+        older state take their defaults: ``text_context`` "none"); ``any_text_context`` accepts
+        another encoding (same shapes). Returns the state's config."""
         try:
             config = TestbedConfig.from_dict(saved or {})
         except (TypeError, ValueError) as exc:
             raise StateError(f"{where} holds no usable testbed config ({exc})") from exc
+        if any_text_context:
+            config = replace(config, text_context=self.config.text_context)
         if config != self.config:
             hint = ""
             if replace(config, text_context=self.config.text_context) == self.config:
                 hint = f" (pass --text-context {config.text_context} to continue it)"
             raise StateError(f"{where} was trained with a different config: {asdict(config)}{hint}")
+        return config
+
+    def _init_from(self, directory: Path) -> None:
+        """Warm start: model and EMA both take the state's EMA weights (its live weights when it
+        has no EMA); step, optimizer, warm-up and log start afresh. The state's own record is
+        kept as ``init_from`` in this run's training record."""
+        tensors, manifest = read_state_parts(directory)
+        self._check_config(manifest.get("config"), directory, any_text_context=True)
+        weights, ema = self._decode_weights(tensors, manifest, directory)
+        source = ema if ema else weights
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                p.copy_(source[name])
+            if self.ema is not None:
+                self.ema.load_state_dict(self.model.state_dict())
+        saved = manifest.get("config") or {}
+        self.own_record = {
+            **self.own_record,
+            "init_from": {
+                "steps": manifest["step"],
+                "samples": manifest["samples"],
+                "train_hours": round(manifest["elapsed_s"] / 3600, 3),
+                "text_context": saved.get("text_context", "none"),
+                "data_seed": manifest.get("rng", {}).get("data_seed"),
+                "trained_by": manifest.get("trained_by"),
+            },
+        }
+        self.trained_by = self.own_record
+        if self.rank == 0:
+            print(f"note: new run initialised from the weights of step {manifest['step']} "
+                  f"({saved.get('text_context', 'none')} captions -> "
+                  f"{self.config.text_context})")  # fmt: skip
+
+    def _decode_weights(
+        self, tensors: dict[str, torch.Tensor], manifest: dict, directory: Path
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The compact state's weights and EMA (empty when it has none), by parameter name."""
+        codec = manifest["codecs"]["weights"]
+        shapes = {n: p.shape for n, p in self.model.named_parameters()}
+        if sorted(f"w.{n}" for n in shapes) != sorted(k for k in tensors if k.startswith("w.")):
+            raise StateError(f"the state in {directory} holds other parameters than this model")
+        weights, ema = {}, {}
+        for name, shape in shapes.items():
+            w = tensors[f"w.{name}"]
+            w = decode_fp24(w, shape) if codec == "fp24" else w.reshape(shape)
+            weights[name] = w
+            if f"ema.{name}.q" in tensors:
+                ema[name] = w + decode_q8(tensors[f"ema.{name}.q"], tensors[f"ema.{name}.s"], shape)
+        return weights, ema
 
     def _load(self, path: Path) -> None:
         state = torch.load(path, map_location=self.device, weights_only=True)
@@ -267,7 +334,13 @@ class Trainer:
             state["samples"],
         )
         self.trained_by = state.get("trained_by", self.trained_by)
+        self._keep_init_record()
         self.history = state.get("history") or _read_log(path.parent / "log.jsonl", self.step)
+
+    def _keep_init_record(self) -> None:
+        """A resumed warm-started run keeps saying where its weights started."""
+        if "init_from" in self.trained_by:
+            self.own_record = {**self.own_record, "init_from": self.trained_by["init_from"]}
 
     def _train_record(self) -> dict:
         """What the export's training record says of the run (besides steps and time)."""
@@ -343,26 +416,15 @@ class Trainer:
     def _load_compact(self, directory: Path) -> None:
         tensors, manifest = read_state_parts(directory)
         self._check_config(manifest.get("config"), directory)
-        codec = manifest["codecs"]["weights"]
-        names = [n for n, _ in self.model.named_parameters()]
-        if sorted(f"w.{n}" for n in names) != sorted(k for k in tensors if k.startswith("w.")):
-            raise StateError(f"the state in {directory} holds other parameters than this model")
+        weights, saved_ema = self._decode_weights(tensors, manifest, directory)
         ema = dict(self.ema.named_parameters()) if self.ema is not None else {}
         steps = tensors["adam.step"].tolist()
         opt_state = self.opt.state_dict()
         with torch.no_grad():
             for i, (name, p) in enumerate(self.model.named_parameters()):
-                w = tensors[f"w.{name}"]
-                w = decode_fp24(w, p.shape) if codec == "fp24" else w.reshape(p.shape)
-                p.copy_(w)
-                if name in ema:
-                    if f"ema.{name}.q" in tensors:
-                        delta = decode_q8(
-                            tensors[f"ema.{name}.q"], tensors[f"ema.{name}.s"], p.shape
-                        )
-                        ema[name].copy_(w + delta)
-                    else:  # a state saved without EMA: start the average at the weights
-                        ema[name].copy_(w)
+                p.copy_(weights[name])
+                if name in ema:  # a state saved without EMA: start the average at the weights
+                    ema[name].copy_(saved_ema.get(name, weights[name]))
                 if steps[i] < 0:
                     continue
                 rms = decode_log8(tensors[f"rms.{name}.c"], tensors[f"rms.{name}.lo"],
@@ -377,6 +439,7 @@ class Trainer:
         self.step, self.samples = manifest["step"], manifest["samples"]
         self.elapsed_s = manifest["elapsed_s"]
         self.trained_by = manifest.get("trained_by", self.trained_by)
+        self._keep_init_record()
         self.history = _read_log(directory / "log.jsonl", self.step)
         saved = manifest.get("args", {})
         keys = ("seed", "data_seed", "batch_size", "sizes", "size_weights", "preset")
