@@ -73,4 +73,4 @@ def test_text_context_defaults_and_presets():
     with pytest.raises(ValueError, match="text_context must be one of"):
         TestbedConfig(text_context="bag")
     shipped = TestbedConfig.from_dict(read_record(DEFAULT_CHECKPOINT)["config"])
-    assert shipped.text_context == "none"  # the shipped checkpoint learned plain word vectors
+    assert shipped.text_context == "bigram"  # the shipped checkpoint: warm start onto bigrams
