@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from pasa.provenance import git_commit, nvidia_driver
 
 # Wan2.1-T2V-1.3B, the official config values (random weights: timing does not depend on them).
 WAN_1_3B = dict(
@@ -87,38 +87,6 @@ def environment() -> dict[str, Any]:
     else:
         env["gpu"] = None
     return env
-
-
-def git_commit() -> str:
-    """``PASA_COMMIT`` when set (the GPU machine's copy of the tree has no .git), else the
-    repository's HEAD."""
-    if os.environ.get("PASA_COMMIT"):
-        return os.environ["PASA_COMMIT"]
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (set PASA_COMMIT)"
-
-
-def nvidia_driver() -> str | None:
-    """The NVIDIA driver version of the first GPU, or None without nvidia-smi."""
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        return out.stdout.strip().splitlines()[0]
-    except (OSError, subprocess.CalledProcessError, IndexError):
-        return None
 
 
 def write_json(data: dict[str, Any], path: str | Path) -> Path:

@@ -42,3 +42,13 @@ def test_defaults_are_valid_and_frozen():
         config.density = 0.5  # type: ignore[misc]
     assert config.replace(density=0.5).density == 0.5
     assert PASAConfig(tile=[2, 8, 8]).tile == (2, 8, 8)
+
+
+def test_provenance_commit_prefers_the_environment(monkeypatch):
+    from pasa.provenance import git_commit
+
+    monkeypatch.setenv("PASA_COMMIT", "abc1234")
+    assert git_commit() == "abc1234"
+    monkeypatch.delenv("PASA_COMMIT")
+    commit = git_commit()  # a clone has .git: the HEAD sha; elsewhere it says what to set
+    assert len(commit) == 40 or "PASA_COMMIT" in commit

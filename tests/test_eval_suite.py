@@ -40,6 +40,7 @@ def test_suite_writes_results(checkpoint, tmp_path):
     data = json.loads(result.files["results"].read_text())
     assert [r["strategy"] for r in data["runs"]] == STRATEGY_NAMES
     assert len(data["dense"]) == 1 and data["dense"][0]["seed"] == 0
+    assert data["settings"]["commit"]  # PASA_COMMIT or the repository's HEAD
     for row in data["runs"]:
         m = row["metrics"]
         assert m["psnr"] > 0 and -1 <= m["ssim"] <= 1

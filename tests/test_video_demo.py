@@ -47,6 +47,7 @@ def test_demo_writes_everything(checkpoint, tmp_path):
     data = json.loads(result.files["metrics"].read_text())
     assert data["clip"] == {"frames": 8, "size": 64, "steps": 4, "height": 64, "width": 64}
     assert data["seed"] == 1 and data["training"] == {"steps": 0}
+    assert data["device"] == "cpu" and data["commit"]
     m = data["metrics"]
     for key in ("psnr", "ssim", "flicker", "flicker_reference", "warp_error", "mean_density"):
         assert isinstance(m[key], float)

@@ -48,6 +48,7 @@ from pasa.eval.report import (
 )
 from pasa.eval.strategies import STRATEGIES, get_strategy
 from pasa.profile import BudgetProfile
+from pasa.provenance import git_commit
 
 DENSITIES = (0.10, 0.15, 0.25)
 
@@ -172,6 +173,7 @@ def run_suite(
             "densities": list(densities),
             "strategies": names,
             "versions": f"torch {torch.__version__}, diffusers {diffusers.__version__}",
+            "commit": git_commit(),
         },
         "captions": prompts,
         "dense": [],

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from pasa.provenance import git_commit
+
 # CPU: 16 frames of 128 x 128 (16 x 16 x 16 tokens, 32 PASA blocks; the trainer mixes in 128-pixel
 # clips) and the GPU run's 20 Euler steps: about 45 s in all on two cores with the full-size model.
 CPU_DEFAULTS = {"frames": 16, "size": 128, "steps": 20}
@@ -195,7 +197,8 @@ def run_video_demo(
         "seed": seed,
         "checkpoint": describe_checkpoint(checkpoint),
         "training": record.get("training"),
-        "device": str(device),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "commit": git_commit(),
         "clip": {**settings, "height": settings["size"], "width": settings["size"]},
         "pasa_config": asdict(pasa_config),
         "metrics": metrics,
