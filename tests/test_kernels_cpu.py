@@ -109,10 +109,12 @@ def test_block_mass_matches_torch(grid, text, group_size, single_pass):
 
 @in_child
 @pytest.mark.parametrize(
-    "selection,min_blocks,max_blocks", [("top_k", 1, None), ("top_k", 3, 4), ("top_p", 2, 6)]
-)
+    "selection,min_blocks,max_blocks,local_share",
+    [("top_k", 1, None, 0.0), ("top_k", 3, 4, 0.0), ("top_p", 2, 6, 0.0), ("top_k", 1, None, 0.5),
+     ("top_p", 2, 6, 0.5)],
+)  # fmt: skip
 @pytest.mark.parametrize("grid,text", CASES)
-def test_plan_matches_route(grid, text, selection, min_blocks, max_blocks):
+def test_plan_matches_route(grid, text, selection, min_blocks, max_blocks, local_share):
     """Fused estimate + routing kernels give pasa/route.py's plan (temperature > 0: no ties)."""
     from pasa.estimate import block_mass
     from pasa.kernels.permute import group_means
@@ -120,9 +122,8 @@ def test_plan_matches_route(grid, text, selection, min_blocks, max_blocks):
     from pasa.layout import make_layout
     from pasa.route import select_blocks
 
-    config = pasa.PASAConfig(
-        density=0.35, selection=selection, min_blocks=min_blocks, max_blocks=max_blocks, seed=4
-    )
+    config = pasa.PASAConfig(density=0.35, selection=selection, min_blocks=min_blocks,
+                             max_blocks=max_blocks, seed=4, local_share=local_share)  # fmt: skip
     layout = make_layout(grid, num_text_tokens=text)
     q, k = (layout.to_blocks(t) for t in _qk(grid, text, batch=2))
     qg, kg = group_means(q, k, config.group_size)

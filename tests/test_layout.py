@@ -64,3 +64,31 @@ def test_auto_tile_fills_a_block():
 def test_bad_grid_raises():
     with pytest.raises(ValueError, match="grid"):
         make_layout((0, 4, 4))
+
+
+@pytest.mark.parametrize(
+    "grid,text,count", [((8, 32, 32), 0, 5), ((4, 16, 20), 7, 3), ((3, 10, 12), 0, 9)]
+)
+def test_nearest_blocks_are_the_nearest(grid, text, count):
+    from pasa.layout import block_distance, nearest_blocks
+
+    layout = make_layout(grid, num_text_tokens=text)
+    mask = nearest_blocks(layout, count)
+    n, video = layout.num_blocks, layout.first_text_block
+    assert mask.shape == (n, n) and not mask[video:].any() and not mask[:, video:].any()
+    k = min(count, video)
+    assert (mask[:video].sum(-1) == k).all() and mask.diagonal()[:video].all()
+    dist = block_distance(layout)[:video, :video]
+    chosen = dist.masked_fill(~mask[:video, :video], float("-inf")).amax(-1)
+    others = dist.masked_fill(mask[:video, :video], float("inf")).amin(-1)
+    assert (chosen <= others).all()  # nothing left out is nearer than what was kept
+    assert nearest_blocks(layout, count) is mask  # cached per layout and count
+
+
+def test_nearest_blocks_of_an_inner_block_are_its_face_neighbours():
+    from pasa.layout import nearest_blocks
+
+    layout = make_layout((8, 32, 32))  # 2x8x8 tiles: 4 x 4 x 4 blocks, raster order
+    inner = (1 * 4 + 1) * 4 + 1  # tile (1, 1, 1)
+    kept = set(nearest_blocks(layout, 7)[inner].nonzero().flatten().tolist())
+    assert kept == {inner, inner - 16, inner + 16, inner - 4, inner + 4, inner - 1, inner + 1}

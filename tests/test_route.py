@@ -4,7 +4,9 @@ import pytest
 import torch
 
 import pasa
+from pasa.config import PASAConfig
 from pasa.estimate import block_mass, group_pool
+from pasa.layout import make_layout
 from pasa.noise import routing_gumbel
 from pasa.route import forced_blocks, select_blocks
 from pasa.synthetic import video_qkv
@@ -175,3 +177,26 @@ def test_grouped_estimate_finds_a_small_feature_that_mean_pooling_averages_away(
 
     assert rank_of_block_2(32) == 0
     assert rank_of_block_2(32) < rank_of_block_2(128)
+
+
+def test_local_share_keeps_the_nearest_blocks_and_the_count():
+    from pasa.eval.strategies import window_plan
+    from pasa.layout import nearest_blocks
+
+    layout = make_layout((8, 32, 32))
+    n = layout.num_blocks
+    mass = torch.rand(2, 3, n, n, generator=torch.Generator().manual_seed(0))
+    plain = select_blocks(mass, layout=layout, config=PASAConfig(density=0.25))
+    config = PASAConfig(density=0.25, local_share=0.5)
+    local = config.local_blocks(0.25, n)
+    assert local == 8  # half of round(0.25 * 64) = 16
+    mixed = select_blocks(mass, layout=layout, config=config)
+    assert torch.equal(mixed.kv_counts, plain.kv_counts)  # the same compute
+    dense = mixed.to_dense_mask()
+    assert (dense & nearest_blocks(layout, local)).sum(-1).eq(local).all()
+    # All of the count to the window: the static window plan, whatever the mass says.
+    window = select_blocks(mass, layout=layout, config=PASAConfig(density=0.25, local_share=1.0))
+    assert torch.equal(window.to_dense_mask(), window_plan(layout, 0.25, 2, 3).to_dense_mask())
+    assert PASAConfig(local_share=0.5).local_blocks(1.0, n) == 0
+    with pytest.raises(ValueError, match="local_share"):
+        PASAConfig(local_share=1.5)

@@ -36,6 +36,11 @@ class PASAConfig:
             (per-row cumulative mass, one threshold chosen so that the mean count meets
             ``density``). On the testbed top-p lost 4-10 dB PSNR against top-k at equal density:
             rows whose estimate looks peaked keep one or two blocks (docs/results.md).
+        local_share: share of each row's top-k count given to the query block's nearest key
+            blocks in space and time (a static local window, as STA / Radial attention use),
+            the rest chosen by the estimate; 0 (the default) leaves all of it to the estimate.
+            Experimental: on the testbed the static window flickered far less than any
+            estimate-routed plan at equal density (docs/results.md).
         min_blocks: floor on key blocks per query-block row (diagonal and text blocks count).
         max_blocks: ceiling on key blocks per row, or None for no ceiling.
         seed: seed of the counter-based routing noise.
@@ -57,6 +62,7 @@ class PASAConfig:
     tile: tuple[int, int, int] | Literal["auto"] = "auto"
     temperature: float = 0.0
     selection: Selection = "top_k"
+    local_share: float = 0.0
     min_blocks: int = 1
     max_blocks: int | None = None
     seed: int = 0
@@ -93,6 +99,8 @@ class PASAConfig:
             _fail("temperature", self.temperature, "a finite number >= 0")
         if self.selection not in SELECTIONS:
             _fail("selection", self.selection, f"one of {SELECTIONS}")
+        if not (isinstance(self.local_share, (int, float)) and 0.0 <= self.local_share <= 1.0):
+            _fail("local_share", self.local_share, "a number in [0, 1]")
         if not isinstance(self.min_blocks, int) or self.min_blocks < 1:
             _fail("min_blocks", self.min_blocks, "an int >= 1")
         if self.max_blocks is not None and (
@@ -124,6 +132,13 @@ class PASAConfig:
     def replace(self, **changes: object) -> PASAConfig:
         """A copy with ``changes`` applied and validated."""
         return replace(self, **changes)
+
+    def local_blocks(self, density: float, num_blocks: int) -> int:
+        """Nearest blocks every video row keeps at ``density`` (itself included): ``local_share``
+        of the top-k count ``round(density * num_blocks)``; 0 when dense or ``local_share`` is 0."""
+        if self.local_share <= 0.0 or density >= 1.0:
+            return 0
+        return round(self.local_share * round(density * num_blocks))
 
     @property
     def groups_per_block(self) -> int:

@@ -132,3 +132,52 @@ def make_layout(
         raise ValueError(f"num_text_tokens must be >= 0, got {num_text_tokens}")
     resolved = auto_tile(grid, block_size) if tile == "auto" else tuple(tile)
     return _cached_layout(grid, resolved, num_text_tokens, block_size, torch.device(device))
+
+
+def block_centres(layout: TokenLayout) -> torch.Tensor:
+    """``(N, 3)`` float64 mean (frame, row, column) of each block's video tokens, in tile units
+    (text blocks get +inf: they are never near)."""
+    _f, h, w = layout.grid
+    tf, th, tw = layout.tile
+    n, bs = layout.num_blocks, layout.block_size
+    video = layout.perm[: layout.num_video_tokens]  # original index at each tiled position
+    coords = torch.stack([video // (h * w), (video // w) % h, video % w], -1).double()
+    coords = coords / torch.tensor([tf, th, tw], dtype=torch.float64, device=coords.device)
+    sums = torch.zeros(n, 3, dtype=torch.float64, device=coords.device)
+    counts = torch.zeros(n, dtype=torch.float64, device=coords.device)
+    block = torch.arange(video.numel(), device=coords.device) // bs
+    sums.index_add_(0, block, coords)
+    counts.index_add_(0, block, torch.ones_like(block, dtype=torch.float64))
+    centres = sums / counts.clamp_min(1).unsqueeze(-1)
+    centres[counts == 0] = float("inf")
+    centres[layout.first_text_block :] = float("inf")
+    return centres
+
+
+def block_distance(layout: TokenLayout) -> torch.Tensor:
+    """``(N, N)`` float64 distance between block centres in tile units: Chebyshev, plus a
+    Euclidean term below 1e-3 that breaks its ties; +inf to and from text blocks, -1 on the
+    diagonal (a block is nearest to itself)."""
+    c = block_centres(layout)
+    diff = (c[:, None, :] - c[None, :, :]).abs().nan_to_num(nan=0.0, posinf=float("inf"))
+    cheb, eucl = diff.amax(-1), diff.pow(2).sum(-1).sqrt()
+    score = cheb + 1e-3 * (1 - 1 / (1 + eucl))
+    score.fill_diagonal_(-1.0)
+    return score
+
+
+@lru_cache(maxsize=64)
+def nearest_blocks(layout: TokenLayout, count: int) -> torch.Tensor:
+    """``(N, N)`` bool on the layout's device: each video query block's ``count`` nearest video
+    key blocks by :func:`block_distance`, itself included (ties: lower index). Text rows and
+    columns are False. Cached per layout and count."""
+    n = layout.num_blocks
+    video = min(layout.first_text_block, n)
+    mask = torch.zeros(n, n, dtype=torch.bool, device=layout.perm.device)
+    k = min(int(count), video)
+    if k <= 0:
+        return mask
+    score = block_distance(layout)[:video, :video]
+    nearest = score.topk(k, dim=-1, largest=False, sorted=True).indices
+    mask[:video, :video].scatter_(-1, nearest.to(mask.device), True)
+    return mask

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from pasa.config import PASAConfig
-from pasa.layout import TokenLayout
+from pasa.layout import TokenLayout, nearest_blocks
 from pasa.noise import routing_gumbel
 from pasa.plan import BlockPlan, compact_selection
 
@@ -29,13 +29,16 @@ _MASS_FLOOR = 1e-6
 
 
 def forced_blocks(
-    layout: TokenLayout, device: torch.device | str
+    layout: TokenLayout, device: torch.device | str, local: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(Nq, Nk)`` bool of blocks always kept, and ``(Nq,)`` bool of rows that attend densely."""
+    """``(Nq, Nk)`` bool of blocks always kept (the diagonal, text keys and each video row's
+    ``local`` nearest blocks), and ``(Nq,)`` bool of rows that attend densely (text rows)."""
     n = layout.num_blocks
     idx = torch.arange(n, device=device)
     text = idx >= layout.first_text_block
     forced = (idx[:, None] == idx[None, :]) | text[None, :]
+    if local > 0:
+        forced = forced | nearest_blocks(layout, local).to(device)
     return forced, text
 
 
@@ -104,7 +107,7 @@ def select_blocks(
         full = torch.ones(batch, heads, rows, cols, dtype=torch.bool, device=mass.device)
         return BlockPlan(*compact_selection(full), layout)
 
-    forced, dense_rows = forced_blocks(layout, mass.device)
+    forced, dense_rows = forced_blocks(layout, mass.device, config.local_blocks(density, cols))
     lo, hi = _count_bounds(forced, dense_rows, config)  # (Nq,), (Nq,)
     mass = mass.float()
     share = mass / mass.sum(-1, keepdim=True).clamp_min(1e-30)

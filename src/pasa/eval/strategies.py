@@ -23,6 +23,8 @@ pasa_stochastic        PASA with tau = 0.25 (stochastic routing; the default is 
 pasa_no_curvature      PASA with a fixed per-step budget
 pasa_approximate       PASA plus the approximate branch for unselected blocks
 pasa_top_p             PASA with top-p rows (one coverage p per call) instead of top-k
+pasa_local             PASA with half of each row's count given to its nearest blocks (the
+                       static window's rule) and the other half to the estimate
 =====================  ========================================================================
 """
 
@@ -34,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from pasa.config import PASAConfig
-from pasa.layout import TokenLayout
+from pasa.layout import TokenLayout, block_distance
 from pasa.plan import BlockPlan
 
 REIMPLEMENTED = "reimplemented for ablation"
@@ -105,41 +107,17 @@ def _peer(**changes: object) -> Callable[[float], PASAConfig]:
     return lambda density: PASAConfig(density=density, **base)
 
 
-def block_centres(layout: TokenLayout) -> torch.Tensor:
-    """``(N, 3)`` float mean (frame, row, column) of each block's video tokens, in tile units
-    (text blocks get +inf: they are never near)."""
-    _f, h, w = layout.grid
-    tf, th, tw = layout.tile
-    n, bs = layout.num_blocks, layout.block_size
-    video = layout.perm[: layout.num_video_tokens]  # original index at each tiled position
-    coords = torch.stack([video // (h * w), (video // w) % h, video % w], -1).double()
-    coords = coords / torch.tensor([tf, th, tw], dtype=torch.float64, device=coords.device)
-    sums = torch.zeros(n, 3, dtype=torch.float64, device=coords.device)
-    counts = torch.zeros(n, dtype=torch.float64, device=coords.device)
-    block = torch.arange(video.numel(), device=coords.device) // bs
-    sums.index_add_(0, block, coords)
-    counts.index_add_(0, block, torch.ones_like(block, dtype=torch.float64))
-    centres = sums / counts.clamp_min(1).unsqueeze(-1)
-    centres[counts == 0] = float("inf")
-    centres[layout.first_text_block :] = float("inf")
-    return centres
-
-
 def window_plan(layout: TokenLayout, density: float, batch: int = 1, heads: int = 1) -> BlockPlan:
     """Static 3D local window at ``density``: every query block keeps the ``round(density * N)``
     key blocks nearest in tile units (Chebyshev distance, Euclidean to break ties), itself
     included; text blocks are attended by all and attend to all."""
     n = layout.num_blocks
     k = min(n, max(1, round(density * n)))
-    c = block_centres(layout)  # (N, 3)
-    video = torch.isfinite(c[:, 0])
-    diff = (c[:, None, :] - c[None, :, :]).abs().nan_to_num(nan=0.0, posinf=1e9)
-    cheb, eucl = diff.amax(-1), diff.pow(2).sum(-1).sqrt()
-    score = cheb + 1e-3 * eucl / (1 + eucl)  # (N, N), lower is nearer
-    score.fill_diagonal_(-1.0)
+    video = torch.arange(n, device=layout.perm.device) < layout.first_text_block
+    score = block_distance(layout)  # (N, N), lower is nearer
     score[:, ~video] = -1.0  # text keys: always
     nearest = score.topk(k, dim=-1, largest=False).indices  # (N, k)
-    mask = torch.zeros(n, n, dtype=torch.bool, device=c.device).scatter_(-1, nearest, True)
+    mask = torch.zeros(n, n, dtype=torch.bool, device=score.device).scatter_(-1, nearest, True)
     mask |= score < 0
     mask[~video] = True  # text queries: dense
     return BlockPlan.from_dense_mask(mask.expand(batch, heads, n, n).contiguous(), layout)
@@ -164,6 +142,8 @@ STRATEGIES: dict[str, Strategy] = {
         Strategy("pasa_approximate", "PASA with approximate branch", _pasa(approximate=True),
                  calibrated=True),
         Strategy("pasa_top_p", "PASA with top-p rows", _pasa(selection="top_p"), calibrated=True),
+        Strategy("pasa_local", "PASA with half of each row a local window (local_share 0.5)",
+                 _pasa(local_share=0.5), calibrated=True),
     )
 }  # fmt: skip
 

@@ -31,7 +31,7 @@ import triton
 
 from pasa.config import PASAConfig
 from pasa.kernels._route_kernels import build_plan_kernel, rank_row_kernel, topk_plan_kernel
-from pasa.layout import TokenLayout
+from pasa.layout import TokenLayout, nearest_blocks
 from pasa.plan import BlockPlan
 from pasa.route import _count_bounds, forced_blocks
 
@@ -41,20 +41,15 @@ _TOPK_CHUNK = 2048
 
 @lru_cache(maxsize=64)
 def _bounds(
-    num_blocks: int, first_text_block: int, min_blocks: int, max_blocks: int | None, device: str
+    layout: TokenLayout, local: int, min_blocks: int, max_blocks: int | None, device: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
     """Count floor / ceiling per query block (device int32), the eligibility mask of ranks
-    ``[lo-1, hi-2]`` (device bool ``(N, N)``), ``sum(lo)`` and ``sum(max(hi - lo, 0))``."""
-
-    class _L:  # the two layout facts forced_blocks reads
-        pass
-
-    fake = _L()
-    fake.num_blocks, fake.first_text_block = num_blocks, first_text_block
+    ``[lo-1, hi-2]`` (device bool ``(N, N)``), ``sum(lo)`` and ``sum(max(hi - lo, 0))``;
+    ``local`` nearest blocks per video row are forced (route.py's :func:`forced_blocks`)."""
     config = PASAConfig(min_blocks=min_blocks, max_blocks=max_blocks)
-    forced, dense_rows = forced_blocks(fake, "cpu")  # type: ignore[arg-type]
+    forced, dense_rows = forced_blocks(layout, "cpu", local)
     lo, hi = _count_bounds(forced, dense_rows, config)  # (N,), (N,) int64
-    rank = torch.arange(num_blocks)
+    rank = torch.arange(layout.num_blocks)
     eligible = (rank[None, :] >= lo[:, None] - 1) & (rank[None, :] <= hi[:, None] - 2)
     return (
         lo.to(device=device, dtype=torch.int32),
@@ -85,8 +80,11 @@ def route_from_scores(
     """
     batch, heads, n, _ = scores.shape
     rows = batch * heads * n
+    local = config.local_blocks(density, n)
+    if local:  # the local window's blocks are forced like the diagonal: +inf keys
+        scores = scores.masked_fill(nearest_blocks(layout, local).to(scores.device), float("inf"))
     lo, hi, eligible, lo_total, eligible_total = _bounds(
-        n, layout.first_text_block, config.min_blocks, config.max_blocks, str(scores.device)
+        layout, local, config.min_blocks, config.max_blocks, str(scores.device)
     )
     if config.selection == "top_k":
         count = round(density * n)  # route.py's count rule, clamped per row in the kernel
