@@ -25,6 +25,7 @@ pasa_approximate       PASA plus the approximate branch for unselected blocks
 pasa_top_p             PASA with top-p rows (one coverage p per call) instead of top-k
 pasa_local             PASA with half of each row's count given to its nearest blocks (the
                        static window's rule) and the other half to the estimate
+pasa_local75           the same with three quarters of the count to the nearest blocks
 =====================  ========================================================================
 """
 
@@ -144,6 +145,8 @@ STRATEGIES: dict[str, Strategy] = {
         Strategy("pasa_top_p", "PASA with top-p rows", _pasa(selection="top_p"), calibrated=True),
         Strategy("pasa_local", "PASA with half of each row a local window (local_share 0.5)",
                  _pasa(local_share=0.5), calibrated=True),
+        Strategy("pasa_local75", "PASA with 3/4 of each row a local window (local_share 0.75)",
+                 _pasa(local_share=0.75), calibrated=True),
     )
 }  # fmt: skip
 
