@@ -256,10 +256,10 @@ class Trainer:
 
     def _check_config(
         self, saved: dict | None, where: Path, any_text_context: bool = False
-    ) -> TestbedConfig:
+    ) -> None:
         """Refuse a state trained with another model or text encoding (fields missing from an
         older state take their defaults: ``text_context`` "none"); ``any_text_context`` accepts
-        another encoding (same shapes). Returns the state's config."""
+        another encoding (same shapes)."""
         try:
             config = TestbedConfig.from_dict(saved or {})
         except (TypeError, ValueError) as exc:
@@ -271,7 +271,6 @@ class Trainer:
             if replace(config, text_context=self.config.text_context) == self.config:
                 hint = f" (pass --text-context {config.text_context} to continue it)"
             raise StateError(f"{where} was trained with a different config: {asdict(config)}{hint}")
-        return config
 
     def _init_from(self, directory: Path) -> None:
         """Warm start: model and EMA both take the state's EMA weights (its live weights when it
