@@ -59,6 +59,7 @@ SCENARIOS = {
     )
 }
 DENSITIES = (1.0, 0.5, 0.25, 0.1, 0.05)
+GROUP_SIZES = (32, 64, 128)  # estimate_g{g} parts: the estimate's cost at other group sizes
 # --quick: the issue's bars (Wan2.1-14B 720p dense and at 0.1) and the two other models at 0.1.
 QUICK = {"wan14b-720p": (1.0, 0.1), "wan1.3b-480p": (0.1,), "hunyuan-720p": (0.1,)}
 
@@ -115,7 +116,8 @@ def _estimate_route_parts(qt, kt, qg, kg, layout, config, density, time) -> dict
     """Estimate and routing times, by variant, and the estimate's error on these inputs.
 
     ``estimate`` / ``route`` are what ``sparse_attention`` runs (defaults: tf32x3 single-pass
-    estimate, top-k select). ``*_err`` = max |mass - fp32 torch reference| / (1e-3 |ref| + 1e-7):
+    estimate, top-k select, local window share); ``estimate_g{g}`` the estimate at another group
+    size, ``route_no_local`` routing with ``local_share=0``. ``*_err`` = max |mass - fp32 torch reference| / (1e-3 |ref| + 1e-7):
     <= 1 is inside the test bound (random inputs give flat attention: a mild case).
     ``plan_jaccard_tf32`` = selected blocks shared by the tf32 and the default plan / union.
     """
@@ -144,11 +146,24 @@ def _estimate_route_parts(qt, kt, qg, kg, layout, config, density, time) -> dict
     }
     for name, opts in variants.items():
         out[name] = time(lambda opts=opts: estimate(**opts))
+    # The estimate at the other group sizes (group means taken outside the timing, as the
+    # default's come from the re-ordering), and routing without the local window share.
+    for g in GROUP_SIZES:
+        if g != config.group_size:
+            qg_g, kg_g = group_means(qt, kt, g)
+            opts = {**common, "group_size": g}
+            out[f"estimate_g{g}"] = time(
+                lambda qg_g=qg_g, kg_g=kg_g, opts=opts: grouped_block_estimate(
+                    qg_g, kg_g, routing=routing, need_share=not top_k, **opts
+                )
+            )
+            del qg_g, kg_g
     share, scores = estimate()
     route = lambda cfg, share=share: route_from_scores(  # noqa: E731
         share, scores, layout=layout, config=cfg, density=density
     )
     out["route"] = time(lambda: route(config))
+    out["route_no_local"] = time(lambda: route(config.replace(local_share=0.0)))
     share_p, scores_p = grouped_block_estimate(qg, kg, routing=routing, **common)
     out["route_top_p"] = time(
         lambda: route_from_scores(

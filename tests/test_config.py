@@ -37,7 +37,7 @@ def test_profile_budget_needs_a_path():
 
 def test_defaults_are_valid_and_frozen():
     config = PASAConfig()
-    assert config.groups_per_block == 4
+    assert config.groups_per_block == 2 and config.local_blocks(0.15, 100) == 11
     with pytest.raises(AttributeError):
         config.density = 0.5  # type: ignore[misc]
     assert config.replace(density=0.5).density == 0.5

@@ -38,8 +38,9 @@ def _inputs(grid, text, dtype, heads=3, dim=64, batch=2, seed=0):
 
 def _plan(q, k, layout, density=0.4):
     qt, kt = layout.to_blocks(q), layout.to_blocks(k)
-    mass = block_mass(qt, kt, block_size=128, group_size=32)
-    return select_blocks(mass, layout=layout, config=pasa.PASAConfig(density=density))
+    config = pasa.PASAConfig(density=density)
+    mass = block_mass(qt, kt, block_size=128, group_size=config.group_size)
+    return select_blocks(mass, layout=layout, config=config)
 
 
 def _sdpa_error(qt, kt, vt, plan, ref_out):
@@ -170,20 +171,28 @@ def test_triton_noise_is_bit_exact():
 BOUNDS = [(1, None), (3, 5)]  # (min_blocks, max_blocks): the second clips rows both ways
 
 
+@pytest.mark.parametrize("local_share", [0.0, 0.75])
 @pytest.mark.parametrize("min_blocks,max_blocks", BOUNDS)
 @pytest.mark.parametrize("selection", ["top_p", "top_k"])
 @pytest.mark.parametrize("grid,text", CASES)
-def test_gpu_plan_matches_route(grid, text, selection, min_blocks, max_blocks):
+def test_gpu_plan_matches_route(grid, text, selection, min_blocks, max_blocks, local_share):
     """The fused estimate + GPU router give pasa/route.py's plan (no near-ties at these shapes)."""
     from pasa.attention import plan_blocks
 
     config = pasa.PASAConfig(
-        density=0.3, selection=selection, seed=2, min_blocks=min_blocks, max_blocks=max_blocks
+        density=0.3,
+        selection=selection,
+        seed=2,
+        min_blocks=min_blocks,
+        max_blocks=max_blocks,
+        local_share=local_share,
     )
     q, k, _ = _inputs(grid, text, torch.bfloat16)
     got = plan_blocks(q, k, grid=grid, config=config, num_text_tokens=text, step=3, layer=2)
     layout = make_layout(grid, num_text_tokens=text, device="cuda")
-    mass = block_mass(layout.to_blocks(q), layout.to_blocks(k), block_size=128, group_size=32)
+    mass = block_mass(
+        layout.to_blocks(q), layout.to_blocks(k), block_size=128, group_size=config.group_size
+    )
     ref = select_blocks(mass, layout=layout, config=config, step=3, layer=2)
     assert torch.equal(got.kv_counts, ref.kv_counts)
     assert torch.equal(got.kv_indices, ref.kv_indices)
@@ -206,7 +215,7 @@ def test_gpu_plan_matches_route_wan_rows(selection, chunk, monkeypatch):
     got = plan_blocks(q, k, grid=grid, config=config, step=1, layer=7)
     layout = make_layout(grid, device="cuda")
     mass = block_mass_triton(
-        layout.to_blocks(q), layout.to_blocks(k), block_size=128, group_size=32
+        layout.to_blocks(q), layout.to_blocks(k), block_size=128, group_size=config.group_size
     )
     ref = select_blocks(mass, layout=layout, config=config, step=1, layer=7)
     assert got.kv_indices.shape[-1] == 591

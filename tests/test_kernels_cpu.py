@@ -129,7 +129,7 @@ def test_plan_matches_route(grid, text, selection, min_blocks, max_blocks, local
     qg, kg = group_means(q, k, config.group_size)
     where = dict(layout=layout, config=config, density=0.35, step=3, layer=1)
     got = plan_from_means(qg, kg, head_offset=2, **where)
-    mass = block_mass(q, k, block_size=128, group_size=32)
+    mass = block_mass(q, k, block_size=128, group_size=config.group_size)
     ref = select_blocks(mass, head_offset=2, **where)
     assert torch.equal(got.kv_counts, ref.kv_counts)
     assert torch.equal(got.kv_indices, ref.kv_indices)

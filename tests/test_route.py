@@ -48,8 +48,13 @@ def test_temperature_zero_is_deterministic_ranking(selection):
     assert all(same(plans[0], p) for p in plans[1:])
     if selection == "top_k":
         layout = plans[0].layout
-        mass = block_mass(layout.to_blocks(q), layout.to_blocks(k), block_size=128, group_size=32)
-        forced, _ = forced_blocks(layout, "cpu")
+        defaults = PASAConfig()
+        mass = block_mass(
+            layout.to_blocks(q), layout.to_blocks(k), block_size=128, group_size=defaults.group_size
+        )
+        local = defaults.local_blocks(0.2, layout.num_blocks)  # the default's local window
+        assert local > 0
+        forced, _ = forced_blocks(layout, "cpu", local)
         kk = round(0.2 * layout.num_blocks)
         ranked = mass.masked_fill(forced, float("inf")).topk(kk, -1).indices
         expected = torch.zeros_like(mass, dtype=torch.bool).scatter_(-1, ranked, True)
@@ -121,7 +126,7 @@ def test_gumbel_top_k_samples_in_proportion_to_mass_power():
     layout = pasa.make_layout((1, 1, 128 * 4))
     share = torch.tensor([0.55, 0.3, 0.1, 0.05]).view(1, 1, 1, 4).expand(1, 1, 4, 4).contiguous()
     # density 0.5 = 2 of 4 blocks: row 1 keeps its diagonal (block 1) and samples one of {0, 2, 3}.
-    config = pasa.PASAConfig(density=0.5, temperature=1.0, selection="top_k")
+    config = pasa.PASAConfig(density=0.5, temperature=1.0, selection="top_k", local_share=0.0)
     hits = torch.zeros(4)
     for step in range(2000):
         hits += select_blocks(share, layout=layout, config=config, step=step).to_dense_mask()[

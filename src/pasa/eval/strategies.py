@@ -15,17 +15,20 @@ static_window          STA / Radial-style static 3D local window: each query blo
                        until it meets the density; the same plan at every step, layer and head
 sparse_videogen        Sparse-VideoGen-style: first 20% of steps dense, then deterministic top-p
                        (mean-pooled estimate) at the density that keeps the run's mean on target
-pasa                   grouped estimate (g = 32), deterministic routing (tau = 0), top-k rows
-                       (the library's defaults) and the curvature budget from a profile
-                       recorded by one calibration run on a caption outside the evaluation set
+pasa                   the library's defaults: grouped estimate (g = 64), three quarters of each
+                       row's top-k count to the nearest blocks (local_share = 0.75), the rest by
+                       the estimate, deterministic routing (tau = 0), and the curvature budget
+                       from a profile recorded by one calibration run on a caption outside the
+                       evaluation set
+pasa_no_local          PASA with the whole count routed by the estimate (local_share = 0)
+pasa_local50           PASA with half of each row's count to the nearest blocks
+pasa_local90           PASA with nine tenths of each row's count to the nearest blocks
+pasa_g32               PASA with the grouped estimate at g = 32 (4 x 4 group pairs per block pair)
 pasa_no_grouped        PASA with one group per block (mean-pooled estimate)
 pasa_stochastic        PASA with tau = 0.25 (stochastic routing; the default is tau = 0)
 pasa_no_curvature      PASA with a fixed per-step budget
 pasa_approximate       PASA plus the approximate branch for unselected blocks
 pasa_top_p             PASA with top-p rows (one coverage p per call) instead of top-k
-pasa_local             PASA with half of each row's count given to its nearest blocks (the
-                       static window's rule) and the other half to the estimate
-pasa_local75           the same with three quarters of the count to the nearest blocks
 =====================  ========================================================================
 """
 
@@ -94,6 +97,7 @@ def _pasa(**changes: object) -> Callable[[float], PASAConfig]:
         group_size=defaults.group_size,
         temperature=defaults.temperature,
         selection=defaults.selection,
+        local_share=defaults.local_share,
         budget="fixed",  # calibrated strategies get budget="profile" with the file, per run
     )
     base.update(changes)
@@ -103,7 +107,7 @@ def _pasa(**changes: object) -> Callable[[float], PASAConfig]:
 
 
 def _peer(**changes: object) -> Callable[[float], PASAConfig]:
-    base = dict(group_size=128, temperature=0.0, budget="fixed")
+    base = dict(group_size=128, temperature=0.0, local_share=0.0, budget="fixed")
     base.update(changes)
     return lambda density: PASAConfig(density=density, **base)
 
@@ -135,6 +139,13 @@ STRATEGIES: dict[str, Strategy] = {
         Strategy("sparse_videogen", f"dense warm-up + top-p (Sparse-VideoGen-style, {REIMPLEMENTED})",
                  _peer(selection="top_p"), dense_warmup=WARMUP_FRACTION),
         Strategy("pasa", "PASA", _pasa(), calibrated=True),
+        Strategy("pasa_no_local", "PASA without local window share (local_share = 0)",
+                 _pasa(local_share=0.0), calibrated=True),
+        Strategy("pasa_local50", "PASA with half of each row local (local_share = 0.5)",
+                 _pasa(local_share=0.5), calibrated=True),
+        Strategy("pasa_local90", "PASA with 9/10 of each row local (local_share = 0.9)",
+                 _pasa(local_share=0.9), calibrated=True),
+        Strategy("pasa_g32", "PASA with 32-token groups", _pasa(group_size=32), calibrated=True),
         Strategy("pasa_no_grouped", "PASA without grouped estimate", _pasa(group_size=128),
                  calibrated=True),
         Strategy("pasa_stochastic", "PASA with stochastic routing (tau = 0.25)",
@@ -143,10 +154,6 @@ STRATEGIES: dict[str, Strategy] = {
         Strategy("pasa_approximate", "PASA with approximate branch", _pasa(approximate=True),
                  calibrated=True),
         Strategy("pasa_top_p", "PASA with top-p rows", _pasa(selection="top_p"), calibrated=True),
-        Strategy("pasa_local", "PASA with half of each row a local window (local_share 0.5)",
-                 _pasa(local_share=0.5), calibrated=True),
-        Strategy("pasa_local75", "PASA with 3/4 of each row a local window (local_share 0.75)",
-                 _pasa(local_share=0.75), calibrated=True),
     )
 }  # fmt: skip
 
