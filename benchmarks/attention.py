@@ -115,7 +115,7 @@ def _sdpa_dense_ms(q, k, v, *, warmup: int, reps: int) -> float:
 def _estimate_route_parts(qt, kt, qg, kg, layout, config, density, time) -> dict:
     """Estimate and routing times, by variant, and the estimate's error on these inputs.
 
-    ``estimate`` / ``route`` are what ``sparse_attention`` runs (defaults: tf32x3 single-pass
+    ``estimate`` / ``route`` are what ``sparse_attention`` runs (defaults: bf16x3 two-pass
     estimate, top-k select, local window share); ``estimate_g{g}`` the estimate at another group
     size, ``route_no_local`` routing with ``local_share=0``. ``*_err`` = max |mass - fp32 torch reference| / (1e-3 |ref| + 1e-7):
     <= 1 is inside the test bound (random inputs give flat attention: a mild case).
@@ -139,10 +139,10 @@ def _estimate_route_parts(qt, kt, qg, kg, layout, config, density, time) -> dict
 
     out = {"estimate": time(estimate)}
     variants = {
-        "estimate_two_pass": dict(single_pass=False),
+        "estimate_single_pass": dict(single_pass=True),
         "estimate_bf16x3": dict(precision="bf16x3"),
         "estimate_tf32": dict(precision="tf32"),
-        "estimate_tf32_two_pass": dict(precision="tf32", single_pass=False),
+        "estimate_tf32_single_pass": dict(precision="tf32", single_pass=True),
     }
     for name, opts in variants.items():
         out[name] = time(lambda opts=opts: estimate(**opts))

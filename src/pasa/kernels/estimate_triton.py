@@ -36,10 +36,12 @@ _MAX_GROUPS_PER_BLOCK = 64
 # Triton's CPU interpreter computes bf16 dots wrongly: there (tests only) the default is tf32x3.
 PRECISIONS = ("tf32x3", "bf16x3", "tf32")
 DEFAULT_PRECISION = "tf32x3" if os.environ.get("TRITON_INTERPRET") == "1" else "bf16x3"
-# One pass over the keys with block sums parked in scratch (B*H*NG*N*4 bytes: 223 MB at
-# Wan2.1-14B 720p) instead of two passes of logits; which is faster is measured by
-# benchmarks/attention.py (``estimate`` vs ``estimate_two_pass``).
-DEFAULT_SINGLE_PASS = True
+# Single pass: one pass over the keys with block sums parked in scratch (B*H*NG*N*4 bytes:
+# 223 MB at Wan2.1-14B 720p) instead of two passes of logits; 1.05 against 1.37 ms at g = 32 on
+# H100. Off by default: on H100 (Triton 3.6) it missed the torch reference on the small shapes of
+# tests/test_gpu_backends.py in some processes (block mass up to 1.9, where it is at most 1), and
+# the two-pass kernel never did. benchmarks/attention.py times both (``estimate_single_pass``).
+DEFAULT_SINGLE_PASS = False
 # bf16x3: split the key means into bf16 hi + lo once per call (a few element-wise ops on
 # B*H*NG*D values) instead of in every program that streams them (N / QB times per head).
 DEFAULT_PRESPLIT = True
@@ -141,7 +143,7 @@ def grouped_block_estimate(
     r = routing or {}
     temperature = float(r.get("temperature", 0.0))
     floor = float(r.get("mass_floor", 0.0))
-    block_estimate_kernel[grid](
+    args = (
         qg,
         kg,
         kg_lo,
@@ -164,6 +166,8 @@ def grouped_block_estimate(
         temperature,
         floor,
         1.0 + floor * n,
+    )
+    meta = dict(
         D=dim,
         BLOCK_D=max(16, 1 << (dim - 1).bit_length()),
         GPB=per_block,
@@ -180,9 +184,32 @@ def grouped_block_estimate(
         # tf32x3 at 64 x 64 takes 164 KB with two, one when a step spans more key groups.
         num_stages=num_stages or (2 if wide or per_block * kbc <= 64 else 1),
     )
+    _launch_fitting(grid, args, meta, device)
     if routing is None:
         return mass, None
     return (mass if need_share else None), scores
+
+
+# Launches that needed fewer pipeline stages than asked to fit this GPU's shared memory (one
+# 128 x 128 bf16 hi + lo key tile per stage at D = 128 with one group per block needs 246 KB for
+# two stages on H100, whose limit is 227 KB; GPUs with less shared memory hit it sooner).
+_ONE_STAGE: set[tuple] = set()
+
+
+def _launch_fitting(grid: tuple[int, int], args: tuple, meta: dict, device: torch.device) -> None:
+    """Launch the estimate kernel; if its stages overflow shared memory, again with one stage."""
+    from triton.runtime.errors import OutOfResources
+
+    key = (device.index, *sorted((k, v) for k, v in meta.items() if k != "num_stages"))
+    if key in _ONE_STAGE:
+        meta = {**meta, "num_stages": 1}
+    try:
+        block_estimate_kernel[grid](*args, **meta)
+    except OutOfResources:
+        if meta["num_stages"] <= 1:
+            raise
+        _ONE_STAGE.add(key)
+        block_estimate_kernel[grid](*args, **{**meta, "num_stages": 1})
 
 
 def _cdiv(a: int, b: int) -> int:
