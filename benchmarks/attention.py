@@ -139,10 +139,8 @@ def _estimate_route_parts(qt, kt, qg, kg, layout, config, density, time) -> dict
 
     out = {"estimate": time(estimate)}
     variants = {
-        "estimate_single_pass": dict(single_pass=True),
         "estimate_bf16x3": dict(precision="bf16x3"),
         "estimate_tf32": dict(precision="tf32"),
-        "estimate_tf32_single_pass": dict(precision="tf32", single_pass=True),
     }
     for name, opts in variants.items():
         out[name] = time(lambda opts=opts: estimate(**opts))

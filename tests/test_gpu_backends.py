@@ -83,21 +83,17 @@ def test_fa4_refuses_cleanly_when_unavailable():
         get_backend("fa4", "cuda")
 
 
-@pytest.mark.parametrize(
-    "precision,single_pass", [("tf32x3", True), ("tf32x3", False), ("bf16x3", True)]
-)
-@pytest.mark.parametrize("group_size", [16, 32, 128])
+@pytest.mark.parametrize("precision", ["tf32x3", "bf16x3"])
+@pytest.mark.parametrize("group_size", [16, 32, 64, 128])
 @pytest.mark.parametrize("grid,text", CASES)
-def test_triton_block_mass_matches_torch(grid, text, group_size, precision, single_pass):
+def test_triton_block_mass_matches_torch(grid, text, group_size, precision):
     from pasa.kernels.estimate_triton import block_mass_triton
 
     layout = make_layout(grid, num_text_tokens=text, device="cuda")
     q, k, _ = _inputs(grid, text, torch.bfloat16)
     qt, kt = layout.to_blocks(q), layout.to_blocks(k)
     ref = block_mass(qt, kt, block_size=128, group_size=group_size)
-    got = block_mass_triton(
-        qt, kt, block_size=128, group_size=group_size, precision=precision, single_pass=single_pass
-    )
+    got = block_mass_triton(qt, kt, block_size=128, group_size=group_size, precision=precision)
     assert ((got - ref).abs() <= 1e-3 * ref.abs() + 1e-7).all()
 
 
@@ -210,7 +206,9 @@ def test_gpu_plan_matches_route_wan_rows(selection, chunk, monkeypatch):
 
     monkeypatch.setattr(route_triton, "_TOPK_CHUNK", chunk)
     grid, text = (21, 45, 80), 0
-    config = pasa.PASAConfig(density=0.1, selection=selection, seed=5)
+    # local_share = 0: the router ranks all 591 blocks (random inputs give flat rows, whose
+    # estimate-routed remainder after the local window is full of near-ties).
+    config = pasa.PASAConfig(density=0.1, selection=selection, seed=5, local_share=0.0)
     q, k, _ = _inputs(grid, text, torch.bfloat16, heads=2, batch=1)
     got = plan_blocks(q, k, grid=grid, config=config, step=1, layer=7)
     layout = make_layout(grid, device="cuda")

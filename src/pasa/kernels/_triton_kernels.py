@@ -233,15 +233,9 @@ def block_estimate_kernel(
     bias_ptr,  # (NG,) fp32 log of tokens per key group
     mass_ptr,  # (B, H, N, N) fp32: block mass, then (FINISH and WRITE_SHARE) the floored share
     score_ptr,  # (B, H, N, N) fp32 routing scores (FINISH only; may be mass_ptr)
-    part_ptr,  # SCRATCH: (B * H, NGP, NKP) fp32 block sums of exp(logit - running max)
-    runmax_ptr,  # SCRATCH: (B * H, NGP, NCH) fp32 running row max after each key chunk
-    stat_ptr,  # SCRATCH: (B * H, 2, NGP) fp32 final row max and 1 / normaliser
     H,
     NG,
     N,
-    NGP,
-    NKP,
-    NCH,
     scale,
     first_text_block,
     noise_key,  # uint32 hash of (seed, step, layer)
@@ -255,7 +249,6 @@ def block_estimate_kernel(
     QB: tl.constexpr,  # query blocks per program
     KBC: tl.constexpr,  # key blocks per inner step
     PRECISION: tl.constexpr,
-    SCRATCH: tl.constexpr,  # one pass over the keys (partial sums to scratch) instead of two
     FINISH: tl.constexpr,
     WRITE_SHARE: tl.constexpr,
     NOISE: tl.constexpr,
@@ -263,10 +256,10 @@ def block_estimate_kernel(
 ):
     # One program owns QB query-block rows of one (batch, head). Its M = QB * GPB query-group
     # means stay in registers for the whole row; no (NG x NG) logit ever leaves the chip.
-    # Two-pass (SCRATCH false): keys stream twice (softmax statistics, then normalised block
-    # sums, max over the query groups of a block in registers). Single pass (SCRATCH true): keys
-    # stream once with an online max; the (M, N) unnormalised block sums go to scratch and are
-    # rescaled and max-reduced from there (memory traffic instead of a second pass of dots).
+    # Keys stream twice: softmax statistics (online max and normaliser), then normalised block
+    # sums, max over the query groups of a block in registers. (A single-pass variant that parked
+    # unnormalised block sums in a global scratch buffer and rescaled them after a barrier missed
+    # the torch reference on H100 with Triton 3.6 and was no faster at g = 64: removed.)
     M: tl.constexpr = QB * GPB
     BN: tl.constexpr = KBC * GPB
     tl.static_assert(M >= 16, "tl.dot needs at least 16 query groups per program")
@@ -297,59 +290,29 @@ def block_estimate_kernel(
     m_i = tl.full((M,), float("-inf"), tl.float32)
     l_i = tl.zeros((M,), tl.float32)
 
-    if SCRATCH:
-        part = part_ptr + bh.to(tl.int64) * NGP * NKP
-        runmax = runmax_ptr + bh.to(tl.int64) * NGP * NCH
-        stat = stat_ptr + bh.to(tl.int64) * 2 * NGP
-        for c in range(0, NCH):
-            logits = _group_logits(
-                qa, qa_lo, kg, kglo, bias_ptr, c * BN, NG, scale, D, dd, BN, PRECISION, PRESPLIT
-            )
-            m_new = tl.maximum(m_i, tl.max(logits, axis=1))
-            sums = _block_sums(tl.exp(logits - m_new[:, None]), GPB, KBC)  # (M, KBC)
-            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(sums, axis=1)
-            m_i = m_new
-            tl.store(part + rows[:, None] * NKP + (c * KBC + kk)[None, :], sums)
-            tl.store(runmax + rows * NCH + c, m_new)
-        tl.store(stat + rows, m_i)
-        tl.store(stat + NGP + rows, tl.where(row_ok, 1.0 / l_i, 0.0))  # padding groups: p = 0
-        tl.debug_barrier()  # this program's scratch writes are visible to all its threads
-        for c in range(0, NCH):
-            kb = c * KBC + kk
-            ok = qb_ok[:, None] & (kb[None, :] < N)
-            mass = tl.zeros((QB, KBC), tl.float32)
-            for g in tl.static_range(GPB):
-                r = qb * GPB + g  # (QB,) query group g of each query block (< NGP)
-                f = tl.exp(tl.load(runmax + r * NCH + c) - tl.load(stat + r))
-                f = f * tl.load(stat + NGP + r)
-                mass = tl.maximum(mass, tl.load(part + r[:, None] * NKP + kb[None, :]) * f[:, None])
-            mass = tl.where(ok, mass, 0.0)
-            row_sum += tl.sum(mass, axis=1)
-            tl.store(mass_ptr + out_base + qb[:, None] * N + kb[None, :], mass, mask=ok)
-    else:
-        # Pass 1: row max and normaliser of the group softmax (online).
-        for n0 in range(0, NG, BN):
-            logits = _group_logits(
-                qa, qa_lo, kg, kglo, bias_ptr, n0, NG, scale, D, dd, BN, PRECISION, PRESPLIT
-            )
-            m_new = tl.maximum(m_i, tl.max(logits, axis=1))
-            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)
-            m_i = m_new
-        inv_l = tl.where(row_ok, 1.0 / l_i, 0.0)  # padding query groups get p = 0: never win a max
-        m_i = tl.where(row_ok, m_i, 0.0)
-        # Pass 2: block mass = max over the query groups of a block of its key-block sums.
-        for j0 in range(0, N, KBC):
-            logits = _group_logits(
-                qa, qa_lo, kg, kglo, bias_ptr, j0 * GPB, NG, scale, D, dd, BN, PRECISION, PRESPLIT
-            )
-            p = tl.exp(logits - m_i[:, None]) * inv_l[:, None]  # (M, BN)
-            per_key_block = _block_sums(p, GPB, KBC)  # (M, KBC)
-            mass = tl.max(tl.reshape(per_key_block, (QB, GPB, KBC)), axis=1)  # (QB, KBC)
-            kb = j0 + kk
-            ok = qb_ok[:, None] & (kb[None, :] < N)
-            mass = tl.where(ok, mass, 0.0)
-            row_sum += tl.sum(mass, axis=1)
-            tl.store(mass_ptr + out_base + qb[:, None] * N + kb[None, :], mass, mask=ok)
+    # Pass 1: row max and normaliser of the group softmax (online).
+    for n0 in range(0, NG, BN):
+        logits = _group_logits(
+            qa, qa_lo, kg, kglo, bias_ptr, n0, NG, scale, D, dd, BN, PRECISION, PRESPLIT
+        )
+        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)
+        m_i = m_new
+    inv_l = tl.where(row_ok, 1.0 / l_i, 0.0)  # padding query groups get p = 0: never win a max
+    m_i = tl.where(row_ok, m_i, 0.0)
+    # Pass 2: block mass = max over the query groups of a block of its key-block sums.
+    for j0 in range(0, N, KBC):
+        logits = _group_logits(
+            qa, qa_lo, kg, kglo, bias_ptr, j0 * GPB, NG, scale, D, dd, BN, PRECISION, PRESPLIT
+        )
+        p = tl.exp(logits - m_i[:, None]) * inv_l[:, None]  # (M, BN)
+        per_key_block = _block_sums(p, GPB, KBC)  # (M, KBC)
+        mass = tl.max(tl.reshape(per_key_block, (QB, GPB, KBC)), axis=1)  # (QB, KBC)
+        kb = j0 + kk
+        ok = qb_ok[:, None] & (kb[None, :] < N)
+        mass = tl.where(ok, mass, 0.0)
+        row_sum += tl.sum(mass, axis=1)
+        tl.store(mass_ptr + out_base + qb[:, None] * N + kb[None, :], mass, mask=ok)
 
     if FINISH:
         # Pass 3: the routing keys of pasa/route.py, read back from what this program wrote.

@@ -3,8 +3,8 @@
 Input is the group means (``permute.gather_tokens`` or ``permute.group_means``); one kernel then
 computes group logits, the row softmax statistics, the block mass and (optionally) the routing
 keys of pasa/route.py: floored row share and ``log share + tau * Gumbel``, forced blocks ``+inf``.
-The ``(S/g)^2`` logits never reach GPU memory; only ``(B, H, N, N)`` block values are written
-(and, single-pass, ``(B, H, NG, N)`` unnormalised block sums to a scratch buffer).
+The ``(S/g)^2`` logits never reach GPU memory; only ``(B, H, N, N)`` block values are written.
+The keys stream twice (softmax statistics, then block sums).
 
 Block sums over the groups of a key block are one 0/1-matrix ``tl.dot`` (bf16 hi + lo split of
 the probabilities, ~2^-17 relative), not a reshape reduction.
@@ -36,12 +36,6 @@ _MAX_GROUPS_PER_BLOCK = 64
 # Triton's CPU interpreter computes bf16 dots wrongly: there (tests only) the default is tf32x3.
 PRECISIONS = ("tf32x3", "bf16x3", "tf32")
 DEFAULT_PRECISION = "tf32x3" if os.environ.get("TRITON_INTERPRET") == "1" else "bf16x3"
-# Single pass: one pass over the keys with block sums parked in scratch (B*H*NG*N*4 bytes:
-# 223 MB at Wan2.1-14B 720p) instead of two passes of logits; 1.05 against 1.37 ms at g = 32 on
-# H100. Off by default: on H100 (Triton 3.6) it missed the torch reference on the small shapes of
-# tests/test_gpu_backends.py in some processes (block mass up to 1.9, where it is at most 1), and
-# the two-pass kernel never did. benchmarks/attention.py times both (``estimate_single_pass``).
-DEFAULT_SINGLE_PASS = False
 # bf16x3: split the key means into bf16 hi + lo once per call (a few element-wise ops on
 # B*H*NG*D values) instead of in every program that streams them (N / QB times per head).
 DEFAULT_PRESPLIT = True
@@ -75,7 +69,6 @@ def grouped_block_estimate(
     scale: float | None = None,
     routing: dict | None = None,
     precision: str = DEFAULT_PRECISION,
-    single_pass: bool = DEFAULT_SINGLE_PASS,
     need_share: bool = True,
     presplit: bool = DEFAULT_PRESPLIT,
     rows: int | None = None,
@@ -90,7 +83,6 @@ def grouped_block_estimate(
         routing: None for plain block mass; else a dict with ``first_text_block``, ``noise_key``,
             ``head_offset``, ``temperature``, ``mass_floor`` (pasa/route.py's settings).
         precision: one of :data:`PRECISIONS` (the logit dot).
-        single_pass: one pass over the keys (scratch) instead of two (see the module constants).
         need_share: with ``routing``, also return the share (top-p reads it; top-k does not,
             and then no ``(B, H, N, N)`` share is written).
         presplit: with ``bf16x3``, split the key means into bf16 hi + lo once, up front.
@@ -132,14 +124,6 @@ def grouped_block_estimate(
     scores = None
     if routing is not None:
         scores = torch.empty_like(mass) if need_share else mass
-    if single_pass:
-        ngp, nch = grid[0] * qb * per_block, _cdiv(n, kbc)
-        part = torch.empty((batch * heads, ngp, nch * kbc), dtype=torch.float32, device=device)
-        runmax = torch.empty((batch * heads, ngp, nch), dtype=torch.float32, device=device)
-        stat = torch.empty((batch * heads, 2, ngp), dtype=torch.float32, device=device)
-    else:
-        ngp = nch = 1
-        part = runmax = stat = mass  # never touched
     r = routing or {}
     temperature = float(r.get("temperature", 0.0))
     floor = float(r.get("mass_floor", 0.0))
@@ -150,15 +134,9 @@ def grouped_block_estimate(
         _key_bias(seq_len, group_size, device),
         mass,
         mass if scores is None else scores,
-        part,
-        runmax,
-        stat,
         heads,
         num_groups,
         n,
-        ngp,
-        nch * kbc,
-        nch,
         scale,
         int(r.get("first_text_block", n)),
         int(r.get("noise_key", 0)),
@@ -174,7 +152,6 @@ def grouped_block_estimate(
         QB=qb,
         KBC=kbc,
         PRECISION=precision,
-        SCRATCH=single_pass,
         FINISH=routing is not None,
         WRITE_SHARE=routing is not None and need_share,
         NOISE=temperature > 0,
@@ -243,7 +220,6 @@ def block_mass_triton(
     group_size: int,
     scale: float | None = None,
     precision: str = DEFAULT_PRECISION,
-    single_pass: bool = DEFAULT_SINGLE_PASS,
 ) -> torch.Tensor:
     """Drop-in for :func:`pasa.estimate.block_mass` on CUDA: ``(B, S, H, D)`` tiled q, k ->
     ``(B, H, N, N)`` fp32 mass."""
@@ -259,7 +235,6 @@ def block_mass_triton(
         group_size=group_size,
         scale=scale,
         precision=precision,
-        single_pass=single_pass,
     )
     return mass
 
@@ -267,7 +242,6 @@ def block_mass_triton(
 __all__ = [
     "DEFAULT_PRECISION",
     "DEFAULT_PRESPLIT",
-    "DEFAULT_SINGLE_PASS",
     "PRECISIONS",
     "block_mass_triton",
     "grouped_block_estimate",
