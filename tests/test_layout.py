@@ -92,3 +92,14 @@ def test_nearest_blocks_of_an_inner_block_are_its_face_neighbours():
     inner = (1 * 4 + 1) * 4 + 1  # tile (1, 1, 1)
     kept = set(nearest_blocks(layout, 7)[inner].nonzero().flatten().tolist())
     assert kept == {inner, inner - 16, inner + 16, inner - 4, inner + 4, inner - 1, inner + 1}
+
+
+def test_nearest_blocks_break_exact_ties_toward_the_lower_index():
+    """Blocks 1 and 3 are equally near block 2 on this one-frame grid; the lower index wins, the
+    same on every device (the distances are computed on the CPU, the sort is stable)."""
+    from pasa.layout import block_distance, nearest_blocks
+
+    layout = make_layout((1, 7, 97), num_text_tokens=13)  # tiles (1, 7, 18): 5 video blocks
+    dist = block_distance(layout)
+    assert dist[2, 1] == dist[2, 3]
+    assert nearest_blocks(layout, 2)[2].nonzero().flatten().tolist() == [1, 2]

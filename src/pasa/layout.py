@@ -135,12 +135,13 @@ def make_layout(
 
 
 def block_centres(layout: TokenLayout) -> torch.Tensor:
-    """``(N, 3)`` float64 mean (frame, row, column) of each block's video tokens, in tile units
-    (text blocks get +inf: they are never near)."""
+    """``(N, 3)`` float64 CPU mean (frame, row, column) of each block's video tokens, in tile
+    units (text blocks get +inf: they are never near)."""
     _f, h, w = layout.grid
     tf, th, tw = layout.tile
     n, bs = layout.num_blocks, layout.block_size
-    video = layout.perm[: layout.num_video_tokens]  # original index at each tiled position
+    # On the CPU: CUDA's float64 index_add_ sums in no fixed order.
+    video = layout.perm[: layout.num_video_tokens].cpu()  # original index at each tiled position
     coords = torch.stack([video // (h * w), (video // w) % h, video % w], -1).double()
     coords = coords / torch.tensor([tf, th, tw], dtype=torch.float64, device=coords.device)
     sums = torch.zeros(n, 3, dtype=torch.float64, device=coords.device)
@@ -157,11 +158,17 @@ def block_centres(layout: TokenLayout) -> torch.Tensor:
 def block_distance(layout: TokenLayout) -> torch.Tensor:
     """``(N, N)`` float64 distance between block centres in tile units: Chebyshev, plus a
     Euclidean term below 1e-3 that breaks its ties; +inf to and from text blocks, -1 on the
-    diagonal (a block is nearest to itself)."""
+    diagonal (a block is nearest to itself). On the layout's device, computed on the CPU."""
+    return _block_distance_cpu(layout).to(layout.perm.device)
+
+
+def _block_distance_cpu(layout: TokenLayout) -> torch.Tensor:
     c = block_centres(layout)
     diff = (c[:, None, :] - c[None, :, :]).abs().nan_to_num(nan=0.0, posinf=float("inf"))
     cheb, eucl = diff.amax(-1), diff.pow(2).sum(-1).sqrt()
-    score = cheb + 1e-3 * (1 - 1 / (1 + eucl))
+    # Rounded: the centres carry summation ulps, which would decide ties between blocks at the
+    # same distance; rounded, such ties are exact and go to the lower index (stable sorts).
+    score = (cheb + 1e-3 * (1 - 1 / (1 + eucl))).round(decimals=9)
     score.fill_diagonal_(-1.0)
     return score
 
@@ -177,7 +184,7 @@ def nearest_blocks(layout: TokenLayout, count: int) -> torch.Tensor:
     k = min(int(count), video)
     if k <= 0:
         return mask
-    score = block_distance(layout)[:video, :video]
-    nearest = score.topk(k, dim=-1, largest=False, sorted=True).indices
+    score = _block_distance_cpu(layout)[:video, :video]
+    nearest = score.argsort(dim=-1, stable=True)[:, :k]  # topk leaves the order of ties open
     mask[:video, :video].scatter_(-1, nearest.to(mask.device), True)
     return mask

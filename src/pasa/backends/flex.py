@@ -132,5 +132,18 @@ def flex_block_attention(
     else:
         block_mask = _eager_block_mask(plan, q.shape[1])
         from torch.nn.attention.flex_attention import flex_attention as flex
-    out, lse = flex(qh, kh, vh, block_mask=block_mask, scale=scale, return_lse=True)
+    out, lse = _with_lse(flex, qh, kh, vh, block_mask=block_mask, scale=scale)
     return out.transpose(1, 2), lse.float()
+
+
+def _with_lse(flex, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``flex(..., return_aux=AuxRequest(lse=True))`` where torch has it. Its deprecated
+    ``return_lse=True`` warns once per process, and compiled FlexAttention guards on torch's set
+    of warnings shown: the first plan change after the warning recompiled (TORCH_LOGS=recompiles
+    on torch 2.11)."""
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest
+    except ImportError:  # torch before AuxRequest
+        return flex(*args, return_lse=True, **kwargs)
+    out, aux = flex(*args, return_aux=AuxRequest(lse=True), **kwargs)
+    return out, aux.lse

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from pasa.config import PASAConfig
-from pasa.layout import TokenLayout, block_distance
+from pasa.layout import TokenLayout, nearest_blocks
 from pasa.plan import BlockPlan
 
 REIMPLEMENTED = "reimplemented for ablation"
@@ -113,18 +113,16 @@ def _peer(**changes: object) -> Callable[[float], PASAConfig]:
 
 
 def window_plan(layout: TokenLayout, density: float, batch: int = 1, heads: int = 1) -> BlockPlan:
-    """Static 3D local window at ``density``: every query block keeps the ``round(density * N)``
-    key blocks nearest in tile units (Chebyshev distance, Euclidean to break ties), itself
-    included; text blocks are attended by all and attend to all."""
+    """Static 3D local window at ``density``: every query block keeps ``round(density * N)`` key
+    blocks, the text blocks (attended by all) and then the video blocks nearest in tile units
+    (:func:`pasa.layout.nearest_blocks`: Chebyshev distance, Euclidean to break ties, then the
+    lower index), itself included; text blocks attend to all."""
     n = layout.num_blocks
+    video = min(layout.first_text_block, n)
     k = min(n, max(1, round(density * n)))
-    video = torch.arange(n, device=layout.perm.device) < layout.first_text_block
-    score = block_distance(layout)  # (N, N), lower is nearer
-    score[:, ~video] = -1.0  # text keys: always
-    nearest = score.topk(k, dim=-1, largest=False).indices  # (N, k)
-    mask = torch.zeros(n, n, dtype=torch.bool, device=score.device).scatter_(-1, nearest, True)
-    mask |= score < 0
-    mask[~video] = True  # text queries: dense
+    mask = nearest_blocks(layout, max(k - (n - video), 1)).clone()
+    mask[:, video:] = True  # text keys: always
+    mask[video:] = True  # text queries: dense
     return BlockPlan.from_dense_mask(mask.expand(batch, heads, n, n).contiguous(), layout)
 
 
