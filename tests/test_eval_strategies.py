@@ -29,9 +29,16 @@ def test_every_strategy_builds_a_valid_config(density):
 
 def test_ablations_differ_from_pasa_in_one_field():
     base = STRATEGIES["pasa"].config(0.15)
+    assert base.temperature > 0 and base.local_share > 0  # the library's defaults
+    for name in ("meanpool_topk", "static_window", "sparse_videogen"):  # peers: none of PASA's
+        peer = STRATEGIES[name].config(0.15)
+        assert (peer.group_size, peer.temperature, peer.local_share) == (128, 0.0, 0.0)
     changed = {
         "pasa_no_grouped": {"group_size": 128},
-        "pasa_stochastic": {"temperature": 0.25},
+        "pasa_g32": {"group_size": 32},
+        "pasa_no_local": {"local_share": 0.0},
+        "pasa_local90": {"local_share": 0.9},
+        "pasa_no_stochastic": {"temperature": 0.0},
         "pasa_no_curvature": {"budget": "fixed"},
         "pasa_approximate": {"approximate": True},
     }

@@ -14,6 +14,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
+from pasa.config import PASAConfig
 from pasa.eval.generate import JaccardMeter, strategy_hooks
 from pasa.eval.strategies import STRATEGIES
 from pasa.eval.suite import main, run_suite
@@ -122,7 +123,9 @@ def test_strategy_hooks(tmp_path):
     pasa = strategy_hooks(STRATEGIES["pasa"], 0.15, 20, tmp_path / "p.json")
     assert pasa.budget is None and pasa.config.budget == "profile"
     assert pasa.config.profile_path == str(tmp_path / "p.json")
-    assert pasa.config.selection == "top_k" and pasa.config.temperature == 0.0
+    assert pasa.config.selection == "top_k" and pasa.config == PASAConfig(
+        budget="profile", profile_path=str(tmp_path / "p.json")
+    )  # the defaults
     fixed = strategy_hooks(STRATEGIES["pasa_no_curvature"], 0.15, 20, tmp_path / "p.json")
     assert fixed.config.budget == "fixed" and fixed.config.profile_path is None
     warm = strategy_hooks(STRATEGIES["sparse_videogen"], 0.25, 20)

@@ -27,7 +27,12 @@ def demo_strategies(density: float) -> dict[str, PASAConfig]:
     """The sparse strategies the demo compares with dense SDPA, on the reference kernel."""
     return {
         "mean-pool top-k": PASAConfig(
-            density=density, group_size=128, temperature=0.0, selection="top_k", backend="reference"
+            density=density,
+            group_size=128,
+            temperature=0.0,
+            local_share=0.0,
+            selection="top_k",
+            backend="reference",
         ),
         "PASA": PASAConfig(density=density, backend="reference"),
     }

@@ -17,15 +17,15 @@ sparse_videogen        Sparse-VideoGen-style: first 20% of steps dense, then det
                        (mean-pooled estimate) at the density that keeps the run's mean on target
 pasa                   the library's defaults: grouped estimate (g = 64), three quarters of each
                        row's top-k count to the nearest blocks (local_share = 0.75), the rest by
-                       the estimate, deterministic routing (tau = 0), and the curvature budget
-                       from a profile recorded by one calibration run on a caption outside the
-                       evaluation set
+                       the estimate with stochastic routing (tau = 0.25), and the curvature
+                       budget from a profile recorded by one calibration run on a caption
+                       outside the evaluation set
 pasa_no_local          PASA with the whole count routed by the estimate (local_share = 0)
 pasa_local50           PASA with half of each row's count to the nearest blocks
 pasa_local90           PASA with nine tenths of each row's count to the nearest blocks
 pasa_g32               PASA with the grouped estimate at g = 32 (4 x 4 group pairs per block pair)
 pasa_no_grouped        PASA with one group per block (mean-pooled estimate)
-pasa_stochastic        PASA with tau = 0.25 (stochastic routing; the default is tau = 0)
+pasa_no_stochastic     PASA with deterministic routing (tau = 0)
 pasa_no_curvature      PASA with a fixed per-step budget
 pasa_approximate       PASA plus the approximate branch for unselected blocks
 pasa_top_p             PASA with top-p rows (one coverage p per call) instead of top-k
@@ -146,8 +146,8 @@ STRATEGIES: dict[str, Strategy] = {
         Strategy("pasa_g32", "PASA with 32-token groups", _pasa(group_size=32), calibrated=True),
         Strategy("pasa_no_grouped", "PASA without grouped estimate", _pasa(group_size=128),
                  calibrated=True),
-        Strategy("pasa_stochastic", "PASA with stochastic routing (tau = 0.25)",
-                 _pasa(temperature=0.25), calibrated=True),
+        Strategy("pasa_no_stochastic", "PASA without stochastic routing (tau = 0)",
+                 _pasa(temperature=0.0), calibrated=True),
         Strategy("pasa_no_curvature", "PASA without curvature budget (fixed per step)", _pasa()),
         Strategy("pasa_approximate", "PASA with approximate branch", _pasa(approximate=True),
                  calibrated=True),
