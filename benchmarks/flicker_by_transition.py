@@ -8,7 +8,7 @@ plan is the same neighbourhood for every tile, should show no such pattern.
 
 For one caption and seed, the script samples the dense clip and each strategy at one density
 (the suite's hooks and budget profile), plus PASA at each ``--local-shares`` value of
-``PASAConfig.local_share``, and reports per run the VBench frame-difference
+``PASAConfig.local_share`` and with each ``--variant`` of its config, and reports per run the VBench frame-difference
 excess over dense (mean absolute difference of consecutive 8-bit frames, sparse minus dense),
 split into transitions within a tile's frame pair and transitions across tiles.
 
@@ -51,12 +51,31 @@ def frame_differences(clip: torch.Tensor) -> torch.Tensor:
     return (frames[1:] - frames[:-1]).abs().mean(dim=(1, 2, 3))
 
 
+def parse_variant(text: str) -> dict[str, object]:
+    """``"local_share=0.9,temperature=0"`` -> ``{"local_share": 0.9, "temperature": 0.0}``
+    (numbers as int or float, anything else as a string; PASAConfig validates the fields)."""
+    changes: dict[str, object] = {}
+    for item in text.split(","):
+        field, sep, value = item.partition("=")
+        if not sep or not field.strip():
+            raise SystemExit(f"--variant {text!r}: expected FIELD=VALUE[,FIELD=VALUE...]")
+        try:
+            parsed: object = int(value) if value.strip().lstrip("-").isdigit() else float(value)
+        except ValueError:
+            parsed = value.strip()
+        changes[field.strip()] = parsed
+    return changes
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     ap.add_argument("--strategies", nargs="+", default=["static_window", "meanpool_topk", "pasa"])
     ap.add_argument("--local-shares", type=float, nargs="*", default=[],
                     help="also PASA with these local_share values")  # fmt: skip
+    ap.add_argument("--variant", action="append", default=[], metavar="FIELD=VALUE[,...]",
+                    help="also PASA with these PASAConfig changes, e.g. local_share=0.9,"
+                         "temperature=0 (repeat for several)")  # fmt: skip
     ap.add_argument("--density", type=float, default=0.15)
     ap.add_argument("--caption", type=int, default=0, help="index of the held-out caption")
     ap.add_argument("--seed", type=int, default=0)
@@ -80,14 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         profile = Path(tmp) / "profile.json"
-        if args.local_shares or any(get_strategy(n).calibrated for n in args.strategies):
+        runs = [(name, name, {}) for name in args.strategies]
+        runs += [(f"pasa local_share={x}", "pasa", {"local_share": x}) for x in args.local_shares]
+        runs += [(f"pasa {v}", "pasa", parse_variant(v)) for v in args.variant]
+        if any(get_strategy(strategy).calibrated for _, strategy, _ in runs):
             calibrate_profile(model, config, profile, **common)
-        runs = [(name, name, None) for name in args.strategies]
-        runs += [(f"pasa local_share={x}", "pasa", x) for x in args.local_shares]
-        for name, strategy, share in runs:
+        for name, strategy, changes in runs:
             hooks = strategy_hooks(get_strategy(strategy), args.density, args.steps, profile)
-            if share is not None:
-                hooks = replace(hooks, config=hooks.config.replace(local_share=share))
+            if changes:
+                hooks = replace(hooks, config=hooks.config.replace(**changes))
             run = generate(model, config, caption, seed=args.seed, hooks=hooks, **common)
             excess = frame_differences(run.frames) - ref
             rows[name] = {
