@@ -117,8 +117,9 @@ def _estimate_route_parts(qt, kt, qg, kg, layout, config, density, time) -> dict
 
     ``estimate`` / ``route`` are what ``sparse_attention`` runs (defaults: bf16x3 two-pass
     estimate, top-k select, local window share); ``estimate_g{g}`` the estimate at another group
-    size, ``route_no_local`` routing with ``local_share=0``. ``*_err`` = max |mass - fp32 torch reference| / (1e-3 |ref| + 1e-7):
-    <= 1 is inside the test bound (random inputs give flat attention: a mild case).
+    size, ``route_no_local`` routing with ``local_share=0``. ``*_err`` = max |mass - fp32 torch
+    reference| / (1e-3 |ref| + 1e-7): <= 1 is inside the test bound (random inputs give flat
+    attention: a mild case).
     ``plan_jaccard_tf32`` = selected blocks shared by the tf32 and the default plan / union.
     """
     seq = layout.seq_len
