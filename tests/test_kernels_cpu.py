@@ -174,3 +174,37 @@ def test_topk_long_rows_streamed():
     finally:
         route_triton._TOPK_CHUNK = old
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@in_child
+@pytest.mark.parametrize("chunk", [None, 16])  # registers, and streamed in three chunks
+def test_topk_forced_window_reads_as_inf(chunk):
+    """A forced mask gives the plan of the same keys with those blocks set to +inf (the local
+    window), with ties and rows that stop the radix select early or run all 32 bits."""
+    from pasa.kernels import route_triton
+    from pasa.kernels.route_triton import topk_plan
+
+    g = torch.Generator().manual_seed(2)
+    n = 40
+    scores = torch.randn(2, 3, n, n, generator=g)
+    scores[0, 1, 5, :] = 0.25  # a whole row of ties: all 32 bits, lower indices win
+    scores[1, 2, 7, 20:] = -1.0  # ties at the cut
+    forced = torch.rand(n, n, generator=g) < 0.15
+    forced |= torch.eye(n, dtype=torch.bool)
+    lo = forced.sum(-1).to(torch.int32)
+    hi = torch.full((n,), n, dtype=torch.int32)
+    old = route_triton._TOPK_CHUNK
+    route_triton._TOPK_CHUNK = chunk or old
+    try:
+        got = topk_plan(scores, lo, hi, 11, forced=forced.to(torch.int8))
+        want = topk_plan(scores.masked_fill(forced, float("inf")), lo, hi, 11)
+    finally:
+        route_triton._TOPK_CHUNK = old
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    # and both are the top-count by a stable descending sort of the forced keys
+    keys = scores.masked_fill(forced, float("inf"))
+    count = torch.maximum(lo, torch.tensor(11, dtype=torch.int32))
+    for b, h, row in ((0, 1, 5), (1, 2, 7), (0, 0, 0), (1, 1, 39)):
+        c = int(count[row])
+        top = keys[b, h, row].argsort(descending=True, stable=True)[:c].sort().values
+        assert got[0][b, h, row, :c].tolist() == top.tolist()

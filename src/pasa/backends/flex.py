@@ -36,6 +36,34 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
+# Compiled FlexAttention's forward tile on CUDA, by (compute capability, head dim), for bf16 /
+# fp16 (torch's own choice elsewhere). Every plan keeps each row's diagonal block, so no row is
+# ever fully masked: ROWS_GUARANTEED_SAFE skips the kernel's guard for that case.
+_SAFE_ROWS = {"ROWS_GUARANTEED_SAFE": True}
+_TUNED: dict[tuple[tuple[int, int], int], dict] = {}
+_override: dict | None = None
+
+
+def set_kernel_options(options: dict | None) -> None:
+    """Process-wide ``kernel_options`` for compiled FlexAttention on CUDA (``BLOCK_M``,
+    ``BLOCK_N``, ``num_warps``, ``num_stages``, ``USE_TMA``, ...; see torch's
+    ``FlexKernelOptions``); None restores PASA's choice for the GPU. Each distinct set compiles
+    once per shape."""
+    global _override
+    _override = None if options is None else dict(options)
+
+
+def kernel_options(q: torch.Tensor) -> dict:
+    """The ``kernel_options`` compiled FlexAttention gets for ``(B, H, S, D)`` ``q``."""
+    if _override is not None:
+        return dict(_override)
+    tuned = {}
+    if q.dtype in (torch.bfloat16, torch.float16):
+        cap = torch.cuda.get_device_capability(q.device)
+        tuned = _TUNED.get((cap, q.shape[-1]), {})
+    return {**_SAFE_ROWS, **tuned}
+
+
 @lru_cache(maxsize=8)
 def _filled(shape: tuple[int, ...], value: int, device: torch.device) -> torch.Tensor:
     # Partial-block indices of the full index shape: compiled FlexAttention reads both index
@@ -129,10 +157,13 @@ def flex_block_attention(
     if q.device.type == "cuda":
         block_mask = plan_block_mask(plan, q.shape[1])
         flex = _compiled_flex()
+        extra = {"kernel_options": kernel_options(qh)}
     else:
         block_mask = _eager_block_mask(plan, q.shape[1])
         from torch.nn.attention.flex_attention import flex_attention as flex
-    out, lse = _with_lse(flex, qh, kh, vh, block_mask=block_mask, scale=scale)
+
+        extra = {}
+    out, lse = _with_lse(flex, qh, kh, vh, block_mask=block_mask, scale=scale, **extra)
     return out.transpose(1, 2), lse.float()
 
 

@@ -19,35 +19,40 @@ def _float_order_key(x):
     return bits ^ flip
 
 
+_INF_KEY = 0xFF800000  # _float_order_key(+inf): forced blocks
+
+
 @triton.jit
-def _count_at_least(score_ptr, offs_row, r_ok, N, cand, CHUNK: tl.constexpr):
+def _row_keys(score_ptr, forced_ptr, offs_row, offs_forced, j, ok, FORCED: tl.constexpr):
+    # (ROWS, len(j)) uint32 order keys of columns j; masked-off slots 0 (below every real key);
+    # with FORCED, the blocks the (N, N) int8 mask marks for the row's query block key as +inf.
+    s = tl.load(score_ptr + offs_row[:, None] + j[None, :], mask=ok, other=float("-inf"))
+    key = _float_order_key(s)
+    if FORCED:
+        f = tl.load(forced_ptr + offs_forced[:, None] + j[None, :], mask=ok, other=0)
+        key = tl.where(f != 0, _INF_KEY, key)
+    return tl.where(ok, key, 0)
+
+
+@triton.jit
+def _count_at_least(
+    score_ptr, forced_ptr, offs_row, offs_forced, r_ok, N, cand, CHUNK: tl.constexpr,
+    FORCED: tl.constexpr,
+):  # fmt: skip
     # (ROWS,) int32: keys >= cand per row, the row streamed in CHUNK-wide pieces (N > CHUNK).
     n_ge = tl.zeros(cand.shape, tl.int32)
     for c0 in range(0, N, CHUNK):
         j = c0 + tl.arange(0, CHUNK)
         ok = r_ok[:, None] & (j[None, :] < N)
-        s = tl.load(score_ptr + offs_row[:, None] + j[None, :], mask=ok, other=float("-inf"))
-        key = tl.where(ok, _float_order_key(s), 0)
+        key = _row_keys(score_ptr, forced_ptr, offs_row, offs_forced, j, ok, FORCED)
         n_ge += tl.sum((key >= cand[:, None]).to(tl.int32), axis=1)
     return n_ge
 
 
 @triton.jit
-def _count_above(score_ptr, offs_row, r_ok, N, t, CHUNK: tl.constexpr):
-    # (ROWS,) int32: keys > t per row, streamed (N > CHUNK).
-    n_gt = tl.zeros(t.shape, tl.int32)
-    for c0 in range(0, N, CHUNK):
-        j = c0 + tl.arange(0, CHUNK)
-        ok = r_ok[:, None] & (j[None, :] < N)
-        s = tl.load(score_ptr + offs_row[:, None] + j[None, :], mask=ok, other=float("-inf"))
-        key = tl.where(ok, _float_order_key(s), 0)
-        n_gt += tl.sum((key > t[:, None]).to(tl.int32), axis=1)
-    return n_gt
-
-
-@triton.jit
 def topk_plan_kernel(
     score_ptr,  # (R, N) fp32 routing keys, forced blocks +inf; row r is query block r % N
+    forced_ptr,  # (N, N) int8: blocks forced per query block (read only when FORCED)
     lo_ptr,  # (N,) int32 count floor per query block
     hi_ptr,  # (N,) int32 count ceiling per query block
     fixed_count,  # top-k count before clamping to [lo, hi]
@@ -58,37 +63,49 @@ def topk_plan_kernel(
     ROWS: tl.constexpr,  # rows per program
     CHUNK: tl.constexpr,  # keys per row held at once (power of two)
     SINGLE: tl.constexpr,  # N <= CHUNK: the whole row stays in registers
+    FORCED: tl.constexpr,  # apply forced_ptr (the local window) as +inf keys
 ):
-    # Radix select, no sort: the count-th largest key t of a row is built bit by bit from the top,
-    # keeping the invariant #{key >= t} >= count (32 masked counts). The row keeps every key > t
-    # and, of the keys == t, the lowest-indexed ones (ties: lower block index wins). Selected
-    # blocks land at their rank among the selected (a prefix count), so kv_indices come out
-    # ascending with no sort; the padding slots repeat the last (largest) selected index.
+    # Radix select, no sort: a threshold t is built bit by bit from the top, keeping the
+    # invariant #{key >= t} >= count. It stops as soon as #{key >= t} == count for every row of
+    # the program (those keys are the row's top count; typically after 12-20 of the 32 bits),
+    # or after 32 bits, when t is the count-th largest key. The row keeps every key > t and, of
+    # the keys == t, the lowest-indexed ones (ties: lower block index wins). Selected blocks land
+    # at their rank among the selected (a prefix count), so kv_indices come out ascending with
+    # no sort; the padding slots repeat the last (largest) selected index.
     r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
     r_ok = r < R
     qblock = r % N
     lo = tl.load(lo_ptr + qblock, mask=r_ok, other=1)
     hi = tl.load(hi_ptr + qblock, mask=r_ok, other=1)
     count = tl.minimum(tl.maximum(lo, fixed_count), hi)  # (ROWS,), 1 <= count <= N
+    count = tl.where(r_ok, count, 0)  # rows past R: nothing to select, never hold the loop
     offs_row = r.to(tl.int64) * N  # (ROWS,)
+    offs_forced = qblock.to(tl.int64) * N
     jj = tl.arange(0, CHUNK)
     if SINGLE:
         ok = r_ok[:, None] & (jj[None, :] < N)
-        s = tl.load(score_ptr + offs_row[:, None] + jj[None, :], mask=ok, other=float("-inf"))
-        key = tl.where(ok, _float_order_key(s), 0)  # (ROWS, CHUNK) uint32
+        key = _row_keys(score_ptr, forced_ptr, offs_row, offs_forced, jj, ok, FORCED)
     t = tl.zeros((ROWS,), tl.uint32)
-    for b in tl.static_range(32):
-        cand = t | (1 << (31 - b))
+    n_t = tl.full((ROWS,), 2147483647, tl.int32)  # #{key >= t}, unknown until a bit is kept
+    bit = tl.full((ROWS,), 0x80000000, tl.uint32)  # the bit tried next, from the top
+    while (tl.max(bit, axis=0) > 0) & (tl.max(n_t - count, axis=0) > 0):
+        cand = t | bit
         if SINGLE:
             n_ge = tl.sum((key >= cand[:, None]).to(tl.int32), axis=1)
         else:
-            n_ge = _count_at_least(score_ptr, offs_row, r_ok, N, cand, CHUNK)
-        t = tl.where(n_ge >= count, cand, t)
-    # t is now the count-th largest key: #{key > t} < count <= #{key >= t}.
+            n_ge = _count_at_least(
+                score_ptr, forced_ptr, offs_row, offs_forced, r_ok, N, cand, CHUNK, FORCED
+            )
+        keep = n_ge >= count
+        t = tl.where(keep, cand, t)
+        n_t = tl.where(keep, n_ge, n_t)
+        bit = bit >> 1
+    # #{key >= t} >= count, and #{key > t} < count (t is the count-th largest key) unless
+    # #{key >= t} == count: either way the row keeps the keys > t and the first ties at t.
     if SINGLE:
         above = ok & (key > t[:, None])
         tie = ok & (key == t[:, None])
-        need = count - tl.sum(above.to(tl.int32), axis=1)  # ties to keep, >= 1
+        need = count - tl.sum(above.to(tl.int32), axis=1)  # ties to keep, >= 0
         sel = above | (tie & (tl.cumsum(tie.to(tl.int32), axis=1) <= need[:, None]))
         slot = tl.cumsum(sel.to(tl.int32), axis=1) - 1  # rank among the selected
         j2 = jj[None, :] + tl.zeros((ROWS, CHUNK), tl.int32)
@@ -97,7 +114,12 @@ def topk_plan_kernel(
         pad = ok & (jj[None, :] >= count[:, None])
         tl.store(idx_ptr + offs_row[:, None] + j2, last[:, None] + 0 * j2, mask=pad)
     else:
-        n_above = _count_above(score_ptr, offs_row, r_ok, N, t, CHUNK)
+        n_above = tl.zeros((ROWS,), tl.int32)
+        for c0 in range(0, N, CHUNK):
+            j = c0 + jj
+            ok = r_ok[:, None] & (j[None, :] < N)
+            key = _row_keys(score_ptr, forced_ptr, offs_row, offs_forced, j, ok, FORCED)
+            n_above += tl.sum((key > t[:, None]).to(tl.int32), axis=1)
         need = count - n_above
         taken = tl.zeros((ROWS,), tl.int32)  # selected so far (the next free slot)
         ties = tl.zeros((ROWS,), tl.int32)  # ties seen so far
@@ -105,8 +127,7 @@ def topk_plan_kernel(
         for c0 in range(0, N, CHUNK):
             j = c0 + jj
             ok = r_ok[:, None] & (j[None, :] < N)
-            s = tl.load(score_ptr + offs_row[:, None] + j[None, :], mask=ok, other=float("-inf"))
-            key = tl.where(ok, _float_order_key(s), 0)
+            key = _row_keys(score_ptr, forced_ptr, offs_row, offs_forced, j, ok, FORCED)
             tie = ok & (key == t[:, None])
             tie_rank = ties[:, None] + tl.cumsum(tie.to(tl.int32), axis=1)
             sel = (ok & (key > t[:, None])) | (tie & (tie_rank <= need[:, None]))

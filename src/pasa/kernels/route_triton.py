@@ -1,12 +1,13 @@
 """Block routing on GPU without host synchronisation, plans identical to pasa/route.py.
 
-``top_k``: one kernel, no sort. Per row a radix select (32 masked counts over the row's keys,
-held in registers for N <= 2048) finds the count-th largest key; the row keeps the keys above it and,
-of the keys equal to it, the lowest-indexed ones; a prefix count places the selected blocks in
-ascending order. Exact ties are the only place where this can differ from pasa/route.py's
-``argsort`` (forced ``+inf`` blocks always fit in the count; other exact ties need equal noisy
-scores, in practice rows whose mass underflowed with ``temperature=0``): lower block index wins,
-which is what a stable descending sort keeps.
+``top_k``: one kernel, no sort. Per row a radix select (masked counts over the row's keys, held in
+registers for N <= 2048, one per bit until the top ``count`` keys stand apart, at most 32) finds
+the count-th largest key, reading the local window's blocks as ``+inf`` keys on the way; the row
+keeps the keys above it and, of the keys equal to it, the lowest-indexed ones; a prefix count
+places the selected blocks in ascending order. Exact ties are the only place where this can
+differ from pasa/route.py's ``argsort`` (forced ``+inf`` blocks always fit in the count; other
+exact ties need equal noisy scores, in practice rows whose mass underflowed with
+``temperature=0``): lower block index wins, which is what a stable descending sort keeps.
 
 ``top_p``: pasa/route.py finds one top-p threshold for the whole call by 32 bisection steps over a full
 ``argsort``; here the same plan comes from one row sort per query block (in registers), one
@@ -42,21 +43,24 @@ _TOPK_CHUNK = 2048
 @lru_cache(maxsize=64)
 def _bounds(
     layout: TokenLayout, local: int, min_blocks: int, max_blocks: int | None, device: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int, torch.Tensor | None]:
     """Count floor / ceiling per query block (device int32), the eligibility mask of ranks
-    ``[lo-1, hi-2]`` (device bool ``(N, N)``), ``sum(lo)`` and ``sum(max(hi - lo, 0))``;
-    ``local`` nearest blocks per video row are forced (route.py's :func:`forced_blocks`)."""
+    ``[lo-1, hi-2]`` (device bool ``(N, N)``), ``sum(lo)``, ``sum(max(hi - lo, 0))`` and the
+    local window (device int8 ``(N, N)``, None without one); ``local`` nearest blocks per video
+    row are forced (route.py's :func:`forced_blocks`)."""
     config = PASAConfig(min_blocks=min_blocks, max_blocks=max_blocks)
     forced, dense_rows = forced_blocks(layout, "cpu", local)
     lo, hi = _count_bounds(forced, dense_rows, config)  # (N,), (N,) int64
     rank = torch.arange(layout.num_blocks)
     eligible = (rank[None, :] >= lo[:, None] - 1) & (rank[None, :] <= hi[:, None] - 2)
+    window = nearest_blocks(layout, local).to(device=device, dtype=torch.int8) if local else None
     return (
         lo.to(device=device, dtype=torch.int32),
         hi.to(device=device, dtype=torch.int32),
         eligible.to(device),
         int(lo.sum()),
         int((hi - lo).clamp(min=0).sum()),
+        window,
     )
 
 
@@ -81,14 +85,14 @@ def route_from_scores(
     batch, heads, n, _ = scores.shape
     rows = batch * heads * n
     local = config.local_blocks(density, n)
-    if local:  # the local window's blocks are forced like the diagonal: +inf keys
-        scores = scores.masked_fill(nearest_blocks(layout, local).to(scores.device), float("inf"))
-    lo, hi, eligible, lo_total, eligible_total = _bounds(
+    lo, hi, eligible, lo_total, eligible_total, window = _bounds(
         layout, local, config.min_blocks, config.max_blocks, str(scores.device)
     )
     if config.selection == "top_k":
         count = round(density * n)  # route.py's count rule, clamped per row in the kernel
-        return BlockPlan(*topk_plan(scores, lo, hi, count), layout)
+        return BlockPlan(*topk_plan(scores, lo, hi, count, forced=window), layout)
+    if window is not None:  # the local window's blocks are forced like the diagonal: +inf keys
+        scores = scores.masked_fill(window.bool(), float("inf"))
     # top_p: rank every row (bitonic sort in registers), then one global threshold.
     block = max(16, 1 << (n - 1).bit_length())
     order = torch.empty((batch, heads, n, n), dtype=torch.int32, device=scores.device)
@@ -139,6 +143,7 @@ def topk_plan(
     hi: torch.Tensor,
     count: int,
     *,
+    forced: torch.Tensor | None = None,
     rows_per_program: int | None = None,
     num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,6 +152,8 @@ def topk_plan(
     Args:
         scores: ``(B, H, N, N)`` fp32 routing keys (forced blocks ``+inf``).
         lo, hi: ``(N,)`` int32 count floor / ceiling per query block, ``1 <= lo <= hi <= N``.
+        forced: ``(N, N)`` int8, nonzero where a query block's key block is forced (read as a
+            ``+inf`` key, as if ``scores`` had it; the local window), or None.
         rows_per_program, num_warps: launch shape (tuning only; power-of-two rows).
     Returns:
         ``kv_indices (B, H, N, N)`` int32 (ascending, padded with the last selected index) and
@@ -165,6 +172,7 @@ def topk_plan(
     warps = num_warps or (2 if chunk >= 512 else 1)
     topk_plan_kernel[(triton.cdiv(rows, per_program),)](
         scores,
+        lo if forced is None else forced.contiguous(),  # not read without FORCED
         lo,
         hi,
         count,
@@ -175,6 +183,7 @@ def topk_plan(
         ROWS=per_program,
         CHUNK=chunk,
         SINGLE=n <= chunk,
+        FORCED=forced is not None,
         num_warps=warps,
     )
     return kv_indices, kv_counts
