@@ -40,7 +40,10 @@ def _compiled_flex():
 # fp16 (torch's own choice elsewhere). Every plan keeps each row's diagonal block, so no row is
 # ever fully masked: ROWS_GUARANTEED_SAFE skips the kernel's guard for that case.
 _SAFE_ROWS = {"ROWS_GUARANTEED_SAFE": True}
-_TUNED: dict[tuple[tuple[int, int], int], dict] = {}
+# H100 (sm_90), D = 128, Wan2.1-14B 720p at density 0.1 (benchmarks/results/
+# attention-h100-wan14b-720p-early-exit.json): TMA loads, 26.95 ms against 27.94 without and
+# 28.66 for torch's own choice; 128 x 128 tiles on 8 warps were slower (31.9 ms, 27.3 with TMA).
+_TUNED: dict[tuple[tuple[int, int], int], dict] = {((9, 0), 128): {"USE_TMA": True}}
 _override: dict | None = None
 
 

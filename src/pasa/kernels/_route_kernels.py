@@ -19,7 +19,7 @@ def _float_order_key(x):
     return bits ^ flip
 
 
-_INF_KEY = 0xFF800000  # _float_order_key(+inf): forced blocks
+_INF_KEY: tl.constexpr = tl.constexpr(0xFF800000)  # _float_order_key(+inf): forced blocks
 
 
 @triton.jit

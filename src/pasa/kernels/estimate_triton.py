@@ -41,6 +41,13 @@ DEFAULT_PRECISION = "tf32x3" if os.environ.get("TRITON_INTERPRET") == "1" else "
 DEFAULT_PRESPLIT = True
 # Launch shape; benchmarks/estimator_tuning.py measures the alternatives.
 _WARPS = 8
+# bf16x3 launches by groups per block where the sweep found a better one than the above (H100,
+# Wan2.1-14B 720p, commit 8efea7d, benchmarks/results/estimator-tuning-h100-g64.json): at g = 64,
+# 64 query groups and 16 key blocks per step on 4 warps, keys split in the kernel, 0.53 ms
+# against 0.56-0.77 ms for 128-group tiles on 8 warps.
+_BF16X3_LAUNCH = {
+    2: dict(rows=64, key_blocks=16, num_warps=4, num_stages=2, presplit=False),
+}
 
 
 @lru_cache(maxsize=64)
@@ -70,7 +77,7 @@ def grouped_block_estimate(
     routing: dict | None = None,
     precision: str = DEFAULT_PRECISION,
     need_share: bool = True,
-    presplit: bool = DEFAULT_PRESPLIT,
+    presplit: bool | None = None,
     rows: int | None = None,
     key_blocks: int | None = None,
     num_warps: int | None = None,
@@ -85,11 +92,13 @@ def grouped_block_estimate(
         precision: one of :data:`PRECISIONS` (the logit dot).
         need_share: with ``routing``, also return the share (top-p reads it; top-k does not,
             and then no ``(B, H, N, N)`` share is written).
-        presplit: with ``bf16x3``, split the key means into bf16 hi + lo once, up front.
+        presplit: with ``bf16x3``, split the key means into bf16 hi + lo once, up front
+            (None: the tuned choice).
         rows, key_blocks, num_warps, num_stages: launch shape (query groups per program, key
             blocks per inner step; powers of two, ``rows >= 16``, ``key_blocks >= 16``). None:
-            128 query and 128 key groups on 8 warps; with ``tf32x3`` (fp32 operands, twice
-            the shared memory) 64 and 64 on 4 warps.
+            the tuned bf16x3 launch for this group size where there is one, else 128 query and
+            128 key groups on 8 warps; with ``tf32x3`` (fp32 operands, twice the shared memory)
+            64 and 64 on 4 warps.
     Returns:
         ``(B, H, N, N)`` fp32 block mass and None; or with ``routing`` the row share (floored, as
         pasa/route.py; None unless ``need_share``) and the scores ``log share + tau * Gumbel``
@@ -110,6 +119,12 @@ def grouped_block_estimate(
     qg, kg = qg.contiguous(), kg.contiguous()
     device = qg.device
     wide = precision != "tf32x3"
+    tuned = _BF16X3_LAUNCH.get(per_block, {}) if precision == "bf16x3" else {}
+    rows = rows or tuned.get("rows")
+    key_blocks = key_blocks or tuned.get("key_blocks")
+    num_warps = num_warps or tuned.get("num_warps")
+    num_stages = num_stages or tuned.get("num_stages")
+    presplit = tuned.get("presplit", DEFAULT_PRESPLIT) if presplit is None else presplit
     qb = max(1, (rows or (_ROWS if wide else _ROWS // 2)) // per_block)
     kbc = key_blocks or max(16, (_KEY_GROUPS if wide else _KEY_GROUPS // 2) // per_block)
     num_warps = num_warps or (_WARPS if wide else _WARPS // 2)
