@@ -38,6 +38,7 @@ def test_ablations_differ_from_pasa_in_one_field():
         "pasa_g32": {"group_size": 32},
         "pasa_no_local": {"local_share": 0.0},
         "pasa_local90": {"local_share": 0.9},
+        "pasa_step_window": {"steady_window": False},
         "pasa_no_stochastic": {"temperature": 0.0},
         "pasa_no_curvature": {"budget": "fixed"},
         "pasa_approximate": {"approximate": True},

@@ -69,3 +69,40 @@ def test_compile_fullgraph_reference_cpu():
     want, want_lse = f(q, k, v)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(got_lse, want_lse)
+
+
+def test_compiled_op_carries_every_field_a_call_reads():
+    """The custom op rebuilds the config from its arguments: every field but the budget's
+    (``density`` arrives per call) must survive the trip, or compiled calls route differently."""
+    from dataclasses import fields
+
+    from pasa.backends.custom_ops import config_args, config_from_args
+
+    config = pasa.PASAConfig(
+        density=0.3, block_size=64, group_size=32, tile=(2, 4, 8), temperature=0.5,
+        selection="top_p", local_share=0.4, steady_window=False, min_blocks=2, max_blocks=9,
+        seed=3, approximate=True, backend="reference", check_finite=False,
+    )  # fmt: skip
+    back = config_from_args(*config_args(config))
+    budget_fields = {"budget", "dense_quantile", "min_step_density", "profile_path"}
+    for f in fields(pasa.PASAConfig):
+        if f.name not in budget_fields:
+            assert getattr(back, f.name) == getattr(config, f.name), f.name
+
+
+def test_compiled_call_routes_like_eager_without_the_window():
+    """local_share=0 under torch.compile: the op must not fall back to the default window."""
+    grid = (4, 16, 16)  # 8 blocks: the default window would force 3 of a row's 4
+    q, k, v = (torch.randn(1, 1024, 2, 32, generator=torch.Generator().manual_seed(i))
+               for i in range(3))  # fmt: skip
+    config = pasa.PASAConfig(density=0.5, local_share=0.0, backend="reference")
+
+    def f(q, k, v):
+        return pasa.sparse_attention(q, k, v, grid=grid, config=config, step=1)
+
+    want = f(q, k, v)
+    windowed = pasa.sparse_attention(
+        q, k, v, grid=grid, config=config.replace(local_share=0.75), step=1
+    )
+    assert not torch.allclose(windowed, want)  # the case tells the two apart
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(q, k, v), want)

@@ -203,5 +203,10 @@ def test_local_share_keeps_the_nearest_blocks_and_the_count():
     window = select_blocks(mass, layout=layout, config=PASAConfig(density=0.25, local_share=1.0))
     assert torch.equal(window.to_dense_mask(), window_plan(layout, 0.25, 2, 3).to_dense_mask())
     assert PASAConfig(local_share=0.5).local_blocks(1.0, n) == 0
+    # A steady window keeps the run's size at every step (at most the step's count); a step
+    # window follows the step's density.
+    steady, step = PASAConfig(density=0.25), PASAConfig(density=0.25, steady_window=False)
+    assert [steady.local_blocks(d, n) for d in (0.125, 0.25, 0.5)] == [8, 12, 12]
+    assert [step.local_blocks(d, n) for d in (0.125, 0.25, 0.5)] == [6, 12, 24]
     with pytest.raises(ValueError, match="local_share"):
         PASAConfig(local_share=1.5)

@@ -44,6 +44,12 @@ class PASAConfig:
             the rest chosen by the estimate; 0 leaves all of it to the estimate, 1 is the static
             window. The default 0.75 keeps the window's low flicker and the estimate's far
             blocks (docs/results.md).
+        steady_window: size the local window from ``density`` (the run's mean) at every step,
+            capped by the step's count, so that a budget that varies the density by step varies
+            only the estimate-routed remainder; False sizes it from each step's density. Under a
+            varying budget the window then stays the same from step to step, as a static
+            window's does (docs/results.md). Calls that override ``density`` keep the window of
+            ``config.density``.
         min_blocks: floor on key blocks per query-block row (diagonal and text blocks count).
         max_blocks: ceiling on key blocks per row, or None for no ceiling.
         seed: seed of the counter-based routing noise.
@@ -66,6 +72,7 @@ class PASAConfig:
     temperature: float = 0.25
     selection: Selection = "top_k"
     local_share: float = 0.75
+    steady_window: bool = True
     min_blocks: int = 1
     max_blocks: int | None = None
     seed: int = 0
@@ -104,6 +111,8 @@ class PASAConfig:
             _fail("selection", self.selection, f"one of {SELECTIONS}")
         if not (isinstance(self.local_share, (int, float)) and 0.0 <= self.local_share <= 1.0):
             _fail("local_share", self.local_share, "a number in [0, 1]")
+        if not isinstance(self.steady_window, bool):
+            _fail("steady_window", self.steady_window, "True or False")
         if not isinstance(self.min_blocks, int) or self.min_blocks < 1:
             _fail("min_blocks", self.min_blocks, "an int >= 1")
         if self.max_blocks is not None and (
@@ -137,11 +146,15 @@ class PASAConfig:
         return replace(self, **changes)
 
     def local_blocks(self, density: float, num_blocks: int) -> int:
-        """Nearest blocks every video row keeps at ``density`` (itself included): ``local_share``
-        of the top-k count ``round(density * num_blocks)``; 0 when dense or ``local_share`` is 0."""
+        """Nearest blocks every video row keeps in a call at ``density`` (itself included):
+        ``local_share`` of the top-k count ``round(d * num_blocks)``, where ``d`` is
+        ``self.density`` with ``steady_window`` (never more than the call's own count) and
+        ``density`` without; 0 when dense or ``local_share`` is 0."""
         if self.local_share <= 0.0 or density >= 1.0:
             return 0
-        return round(self.local_share * round(density * num_blocks))
+        count = round(density * num_blocks)
+        sized = min(self.density, 1.0) if self.steady_window else density
+        return min(round(self.local_share * round(sized * num_blocks)), count)
 
     @property
     def groups_per_block(self) -> int:

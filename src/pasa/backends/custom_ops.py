@@ -32,6 +32,8 @@ def sparse_attention_op(
     approximate: bool,
     backend: str,
     check_finite: bool,
+    local_share: float,
+    steady_window: bool,
     step: int,
     layer: int,
     density: float,
@@ -48,20 +50,21 @@ def sparse_attention_op(
     from pasa.attention import layout_for, sparse_attention
     from pasa.plan import BlockPlan
 
-    config = PASAConfig(
-        density=density_cfg,
-        block_size=block_size,
-        group_size=group_size,
-        tile=tuple(tile) if tile else "auto",
-        temperature=temperature,
-        selection=selection,  # type: ignore[arg-type]
-        min_blocks=min_blocks,
-        max_blocks=None if max_blocks < 0 else max_blocks,
-        seed=seed,
-        min_step_density=density_cfg,
-        approximate=approximate,
-        backend=backend,
-        check_finite=check_finite,
+    config = config_from_args(
+        density_cfg,
+        block_size,
+        group_size,
+        tile,
+        temperature,
+        selection,
+        min_blocks,
+        max_blocks,
+        seed,
+        approximate,
+        backend,
+        check_finite,
+        local_share,
+        steady_window,
     )
     plan = None
     if kv_indices is not None and kv_counts is not None:
@@ -105,4 +108,43 @@ def config_args(config: PASAConfig) -> list:
         config.approximate,
         config.backend,
         config.check_finite,
+        float(config.local_share),
+        config.steady_window,
     ]
+
+
+def config_from_args(
+    density: float,
+    block_size: int,
+    group_size: int,
+    tile: list[int],
+    temperature: float,
+    selection: str,
+    min_blocks: int,
+    max_blocks: int,
+    seed: int,
+    approximate: bool,
+    backend: str,
+    check_finite: bool,
+    local_share: float,
+    steady_window: bool,
+) -> PASAConfig:
+    """The :class:`PASAConfig` that :func:`config_args` encoded: every field one call reads (the
+    budget's fields are the caller's business: ``density`` arrives per call)."""
+    return PASAConfig(
+        density=density,
+        block_size=block_size,
+        group_size=group_size,
+        tile=tuple(tile) if tile else "auto",
+        temperature=temperature,
+        selection=selection,  # type: ignore[arg-type]
+        min_blocks=min_blocks,
+        max_blocks=None if max_blocks < 0 else max_blocks,
+        seed=seed,
+        min_step_density=density,
+        approximate=approximate,
+        backend=backend,
+        check_finite=check_finite,
+        local_share=local_share,
+        steady_window=steady_window,
+    )

@@ -98,6 +98,7 @@ def _pasa(**changes: object) -> Callable[[float], PASAConfig]:
         temperature=defaults.temperature,
         selection=defaults.selection,
         local_share=defaults.local_share,
+        steady_window=defaults.steady_window,
         budget="fixed",  # calibrated strategies get budget="profile" with the file, per run
     )
     base.update(changes)
@@ -143,6 +144,8 @@ STRATEGIES: dict[str, Strategy] = {
                  _pasa(local_share=0.5), calibrated=True),
         Strategy("pasa_local90", "PASA with 9/10 of each row local (local_share = 0.9)",
                  _pasa(local_share=0.9), calibrated=True),
+        Strategy("pasa_step_window", "PASA with the window sized by each step's budget",
+                 _pasa(steady_window=False), calibrated=True),
         Strategy("pasa_g32", "PASA with 32-token groups", _pasa(group_size=32), calibrated=True),
         Strategy("pasa_no_grouped", "PASA without grouped estimate", _pasa(group_size=128),
                  calibrated=True),
