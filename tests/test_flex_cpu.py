@@ -83,7 +83,7 @@ def test_compiled_op_carries_every_field_a_call_reads():
         selection="top_p", local_share=0.4, steady_window=False, min_blocks=2, max_blocks=9,
         seed=3, approximate=True, backend="reference", check_finite=False,
     )  # fmt: skip
-    back = config_from_args(*config_args(config))
+    back = config_from_args(config_args(config))
     budget_fields = {"budget", "dense_quantile", "min_step_density", "profile_path"}
     for f in fields(pasa.PASAConfig):
         if f.name not in budget_fields:

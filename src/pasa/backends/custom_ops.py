@@ -51,21 +51,9 @@ def sparse_attention_op(
     from pasa.plan import BlockPlan
 
     config = config_from_args(
-        density_cfg,
-        block_size,
-        group_size,
-        tile,
-        temperature,
-        selection,
-        min_blocks,
-        max_blocks,
-        seed,
-        approximate,
-        backend,
-        check_finite,
-        local_share,
-        steady_window,
-    )
+        [density_cfg, block_size, group_size, tile, temperature, selection, min_blocks,
+         max_blocks, seed, approximate, backend, check_finite, local_share, steady_window]
+    )  # fmt: skip
     plan = None
     if kv_indices is not None and kv_counts is not None:
         layout = layout_for(q, grid=tuple(grid), config=config, num_text_tokens=num_text_tokens)
@@ -93,58 +81,31 @@ def _(q, k, v, grid, num_text_tokens, *args):
     return torch.empty_like(q), q.new_empty((batch, heads, seq), dtype=torch.float32)
 
 
+# The config fields the op carries, in its argument order: every field one call reads (the
+# budget's fields are the caller's business: ``density`` arrives per call).
+OP_FIELDS = (
+    "density", "block_size", "group_size", "tile", "temperature", "selection", "min_blocks",
+    "max_blocks", "seed", "approximate", "backend", "check_finite", "local_share", "steady_window",
+)  # fmt: skip
+
+
 def config_args(config: PASAConfig) -> list:
-    """The op's arguments for ``config``, in order (plain values Dynamo passes as constants)."""
-    return [
-        float(config.density),
-        config.block_size,
-        config.group_size,
-        [] if config.tile == "auto" else list(config.tile),
-        float(config.temperature),
-        config.selection,
-        config.min_blocks,
-        -1 if config.max_blocks is None else config.max_blocks,
-        config.seed,
-        config.approximate,
-        config.backend,
-        config.check_finite,
-        float(config.local_share),
-        config.steady_window,
-    ]
+    """The op's arguments for ``config``, in order (plain values Dynamo passes as constants):
+    ``tile`` "auto" as ``[]``, ``max_blocks`` None as -1, numbers as float where the schema
+    says float."""
+    encode = {
+        "density": float,
+        "temperature": float,
+        "local_share": float,
+        "tile": lambda tile: [] if tile == "auto" else list(tile),
+        "max_blocks": lambda blocks: -1 if blocks is None else blocks,
+    }
+    return [encode.get(name, lambda value: value)(getattr(config, name)) for name in OP_FIELDS]
 
 
-def config_from_args(
-    density: float,
-    block_size: int,
-    group_size: int,
-    tile: list[int],
-    temperature: float,
-    selection: str,
-    min_blocks: int,
-    max_blocks: int,
-    seed: int,
-    approximate: bool,
-    backend: str,
-    check_finite: bool,
-    local_share: float,
-    steady_window: bool,
-) -> PASAConfig:
-    """The :class:`PASAConfig` that :func:`config_args` encoded: every field one call reads (the
-    budget's fields are the caller's business: ``density`` arrives per call)."""
-    return PASAConfig(
-        density=density,
-        block_size=block_size,
-        group_size=group_size,
-        tile=tuple(tile) if tile else "auto",
-        temperature=temperature,
-        selection=selection,  # type: ignore[arg-type]
-        min_blocks=min_blocks,
-        max_blocks=None if max_blocks < 0 else max_blocks,
-        seed=seed,
-        min_step_density=density,
-        approximate=approximate,
-        backend=backend,
-        check_finite=check_finite,
-        local_share=local_share,
-        steady_window=steady_window,
-    )
+def config_from_args(values: list) -> PASAConfig:
+    """The :class:`PASAConfig` that :func:`config_args` encoded as ``values``."""
+    fields = dict(zip(OP_FIELDS, values, strict=True))
+    fields["tile"] = tuple(fields["tile"]) if fields["tile"] else "auto"
+    fields["max_blocks"] = None if fields["max_blocks"] < 0 else fields["max_blocks"]
+    return PASAConfig(**fields, min_step_density=fields["density"])
