@@ -208,4 +208,10 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Leave without the interpreter's teardown: after a clean destroy_process_group, a CPU
+    # (gloo) run under CI load once aborted in C++ static destruction ("terminate called without
+    # an active exception", SIGABRT) after printing PASSED and writing its JSON.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
