@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         routing=routing,
         need_share=False,
     )
-    lo, hi, *_ = _bounds(layout, 0, config.min_blocks, config.max_blocks, "cuda")
+    lo, hi, *_ = _bounds(layout, 0, 1.0, config.min_blocks, config.max_blocks, "cuda")
     count = round(args.density * n)
     # The launch before this sweep: the reference every candidate is held to.
     base_kw = dict(presplit=False, rows=64, key_blocks=16, num_warps=4, num_stages=2)

@@ -21,7 +21,7 @@ def test_every_strategy_builds_a_valid_config(density):
         if s.is_dense:
             continue
         assert isinstance(s.config(density), PASAConfig) and s.config(density).density == density
-    for name in ("meanpool_topk", "static_window", "sparse_videogen"):
+    for name in ("meanpool_topk", "static_window", "static_window_time", "sparse_videogen"):
         assert REIMPLEMENTED in STRATEGIES[name].label
     with pytest.raises(ValueError, match="unknown strategy"):
         get_strategy("nope")
@@ -30,7 +30,7 @@ def test_every_strategy_builds_a_valid_config(density):
 def test_ablations_differ_from_pasa_in_one_field():
     base = STRATEGIES["pasa"].config(0.15)
     assert base.temperature > 0 and base.local_share > 0  # the library's defaults
-    for name in ("meanpool_topk", "static_window", "sparse_videogen"):  # peers: none of PASA's
+    for name in ("meanpool_topk", "static_window", "static_window_time", "sparse_videogen"):
         peer = STRATEGIES[name].config(0.15)
         assert (peer.group_size, peer.temperature, peer.local_share) == (128, 0.0, 0.0)
     changed = {
@@ -39,6 +39,7 @@ def test_ablations_differ_from_pasa_in_one_field():
         "pasa_no_local": {"local_share": 0.0},
         "pasa_local90": {"local_share": 0.9},
         "pasa_step_window": {"steady_window": False},
+        "pasa_isotropic_window": {"window_time_scale": 1.0},
         "pasa_no_stochastic": {"temperature": 0.0},
         "pasa_no_curvature": {"budget": "fixed"},
         "pasa_approximate": {"approximate": True},

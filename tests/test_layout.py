@@ -103,3 +103,26 @@ def test_nearest_blocks_break_exact_ties_toward_the_lower_index():
     dist = block_distance(layout)
     assert dist[2, 1] == dist[2, 3]
     assert nearest_blocks(layout, 2)[2].nonzero().flatten().tolist() == [1, 2]
+
+
+def test_a_window_stretched_in_time_reaches_two_time_tiles():
+    """time_scale 0.5: the inner block's next time tiles rank first, and the 9 nearest hold the
+    time tiles two away (tied with the 4 spatial faces); time_scale 1: the 9 nearest are the 6
+    faces and 2 edges, one time tile at most."""
+    from pasa.layout import block_centres, nearest_blocks
+
+    layout = make_layout((16, 32, 32))  # tiles (8, 4, 4) of 2 x 8 x 8 tokens
+    centres = block_centres(layout)
+    inner = int(((centres - torch.tensor([4.25, 1.4375, 1.4375], dtype=torch.float64)).abs()
+                 .sum(-1)).argmin())  # fmt: skip
+
+    def kept(count, scale):
+        rows = nearest_blocks(layout, count, scale)[inner].nonzero().flatten()
+        return {tuple((centres[i] - centres[inner]).tolist()) for i in rows.tolist()}
+
+    two_away = {(-2.0, 0.0, 0.0), (2.0, 0.0, 0.0)}
+    assert kept(3, 0.5) == {(0.0, 0.0, 0.0), (-1.0, 0.0, 0.0), (1.0, 0.0, 0.0)}
+    assert two_away <= kept(9, 0.5)
+    assert two_away.isdisjoint(kept(9, 1.0))
+    assert max(abs(d[0]) for d in kept(9, 1.0)) == 1.0
+    assert nearest_blocks(layout, 7, 0.5) is nearest_blocks(layout, 7, 0.5)  # cached

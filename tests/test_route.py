@@ -54,7 +54,7 @@ def test_temperature_zero_is_deterministic_ranking(selection):
         )
         local = defaults.local_blocks(0.2, layout.num_blocks)  # the default's local window
         assert local > 0
-        forced, _ = forced_blocks(layout, "cpu", local)
+        forced, _ = forced_blocks(layout, "cpu", local, defaults.window_time_scale)
         kk = round(0.2 * layout.num_blocks)
         ranked = mass.masked_fill(forced, float("inf")).topk(kk, -1).indices
         expected = torch.zeros_like(mass, dtype=torch.bool).scatter_(-1, ranked, True)
@@ -198,10 +198,15 @@ def test_local_share_keeps_the_nearest_blocks_and_the_count():
     mixed = select_blocks(mass, layout=layout, config=config)
     assert torch.equal(mixed.kv_counts, plain.kv_counts)  # the same compute
     dense = mixed.to_dense_mask()
-    assert (dense & nearest_blocks(layout, local)).sum(-1).eq(local).all()
-    # All of the count to the window: the static window plan, whatever the mass says.
-    window = select_blocks(mass, layout=layout, config=PASAConfig(density=0.25, local_share=1.0))
-    assert torch.equal(window.to_dense_mask(), window_plan(layout, 0.25, 2, 3).to_dense_mask())
+    scale = config.window_time_scale
+    assert (dense & nearest_blocks(layout, local, scale)).sum(-1).eq(local).all()
+    # All of the count to the window: the static window plan, whatever the mass says, in
+    # either window shape.
+    for scale in (0.5, 1.0):
+        whole = PASAConfig(density=0.25, local_share=1.0, window_time_scale=scale)
+        window = select_blocks(mass, layout=layout, config=whole)
+        want = window_plan(layout, 0.25, 2, 3, time_scale=scale).to_dense_mask()
+        assert torch.equal(window.to_dense_mask(), want)
     assert PASAConfig(local_share=0.5).local_blocks(1.0, n) == 0
     # A steady window keeps the run's size at every step (at most the step's count); a step
     # window follows the step's density.

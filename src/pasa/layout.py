@@ -155,15 +155,16 @@ def block_centres(layout: TokenLayout) -> torch.Tensor:
     return centres
 
 
-def block_distance(layout: TokenLayout) -> torch.Tensor:
-    """``(N, N)`` float64 distance between block centres in tile units: Chebyshev, plus a
-    Euclidean term below 1e-3 that breaks its ties; +inf to and from text blocks, -1 on the
-    diagonal (a block is nearest to itself). On the layout's device, computed on the CPU."""
-    return _block_distance_cpu(layout).to(layout.perm.device)
+def block_distance(layout: TokenLayout, time_scale: float = 1.0) -> torch.Tensor:
+    """``(N, N)`` float64 distance between block centres in tile units, time differences scaled
+    by ``time_scale`` (< 1: a window stretched along time): Chebyshev, plus a Euclidean term
+    below 1e-3 that breaks its ties; +inf to and from text blocks, -1 on the diagonal (a block
+    is nearest to itself). On the layout's device, computed on the CPU."""
+    return _block_distance_cpu(layout, time_scale).to(layout.perm.device)
 
 
-def _block_distance_cpu(layout: TokenLayout) -> torch.Tensor:
-    c = block_centres(layout)
+def _block_distance_cpu(layout: TokenLayout, time_scale: float = 1.0) -> torch.Tensor:
+    c = block_centres(layout) * torch.tensor([float(time_scale), 1.0, 1.0], dtype=torch.float64)
     diff = (c[:, None, :] - c[None, :, :]).abs().nan_to_num(nan=0.0, posinf=float("inf"))
     cheb, eucl = diff.amax(-1), diff.pow(2).sum(-1).sqrt()
     # Rounded: the centres carry summation ulps, which would decide ties between blocks at the
@@ -174,17 +175,17 @@ def _block_distance_cpu(layout: TokenLayout) -> torch.Tensor:
 
 
 @lru_cache(maxsize=64)
-def nearest_blocks(layout: TokenLayout, count: int) -> torch.Tensor:
+def nearest_blocks(layout: TokenLayout, count: int, time_scale: float = 1.0) -> torch.Tensor:
     """``(N, N)`` bool on the layout's device: each video query block's ``count`` nearest video
-    key blocks by :func:`block_distance`, itself included (ties: lower index). Text rows and
-    columns are False. Cached per layout and count."""
+    key blocks by :func:`block_distance` (time scaled by ``time_scale``), itself included (ties:
+    lower index). Text rows and columns are False. Cached per layout, count and scale."""
     n = layout.num_blocks
     video = min(layout.first_text_block, n)
     mask = torch.zeros(n, n, dtype=torch.bool, device=layout.perm.device)
     k = min(int(count), video)
     if k <= 0:
         return mask
-    score = _block_distance_cpu(layout)[:video, :video]
+    score = _block_distance_cpu(layout, time_scale)[:video, :video]
     nearest = score.argsort(dim=-1, stable=True)[:, :k]  # topk leaves the order of ties open
     mask[:video, :video].scatter_(-1, nearest.to(mask.device), True)
     return mask

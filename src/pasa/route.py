@@ -29,16 +29,17 @@ _MASS_FLOOR = 1e-6
 
 
 def forced_blocks(
-    layout: TokenLayout, device: torch.device | str, local: int = 0
+    layout: TokenLayout, device: torch.device | str, local: int = 0, time_scale: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Nq, Nk)`` bool of blocks always kept (the diagonal, text keys and each video row's
-    ``local`` nearest blocks), and ``(Nq,)`` bool of rows that attend densely (text rows)."""
+    ``local`` nearest blocks, time distances scaled by ``time_scale``), and ``(Nq,)`` bool of
+    rows that attend densely (text rows)."""
     n = layout.num_blocks
     idx = torch.arange(n, device=device)
     text = idx >= layout.first_text_block
     forced = (idx[:, None] == idx[None, :]) | text[None, :]
     if local > 0:
-        forced = forced | nearest_blocks(layout, local).to(device)
+        forced = forced | nearest_blocks(layout, local, time_scale).to(device)
     return forced, text
 
 
@@ -107,7 +108,8 @@ def select_blocks(
         full = torch.ones(batch, heads, rows, cols, dtype=torch.bool, device=mass.device)
         return BlockPlan(*compact_selection(full), layout)
 
-    forced, dense_rows = forced_blocks(layout, mass.device, config.local_blocks(density, cols))
+    local = config.local_blocks(density, cols)
+    forced, dense_rows = forced_blocks(layout, mass.device, local, config.window_time_scale)
     lo, hi = _count_bounds(forced, dense_rows, config)  # (Nq,), (Nq,)
     mass = mass.float()
     share = mass / mass.sum(-1, keepdim=True).clamp_min(1e-30)

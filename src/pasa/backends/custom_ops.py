@@ -34,6 +34,7 @@ def sparse_attention_op(
     check_finite: bool,
     local_share: float,
     steady_window: bool,
+    window_time_scale: float,
     step: int,
     layer: int,
     density: float,
@@ -52,7 +53,8 @@ def sparse_attention_op(
 
     config = config_from_args(
         [density_cfg, block_size, group_size, tile, temperature, selection, min_blocks,
-         max_blocks, seed, approximate, backend, check_finite, local_share, steady_window]
+         max_blocks, seed, approximate, backend, check_finite, local_share, steady_window,
+         window_time_scale]
     )  # fmt: skip
     plan = None
     if kv_indices is not None and kv_counts is not None:
@@ -86,6 +88,7 @@ def _(q, k, v, grid, num_text_tokens, *args):
 OP_FIELDS = (
     "density", "block_size", "group_size", "tile", "temperature", "selection", "min_blocks",
     "max_blocks", "seed", "approximate", "backend", "check_finite", "local_share", "steady_window",
+    "window_time_scale",
 )  # fmt: skip
 
 
@@ -97,6 +100,7 @@ def config_args(config: PASAConfig) -> list:
         "density": float,
         "temperature": float,
         "local_share": float,
+        "window_time_scale": float,
         "tile": lambda tile: [] if tile == "auto" else list(tile),
         "max_blocks": lambda blocks: -1 if blocks is None else blocks,
     }

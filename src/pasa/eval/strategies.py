@@ -13,13 +13,18 @@ meanpool_topk          SpargeAttn-style: one mean-pooled query/key per block, de
 static_window          STA / Radial-style static 3D local window: each query block keeps the
                        key blocks nearest in (frame, row, column) tile distance, the window grown
                        until it meets the density; the same plan at every step, layer and head
+static_window_time     the same with time distances counted half (the window's shape that PASA's
+                       local window uses by default: twice as far in time as in space)
 sparse_videogen        Sparse-VideoGen-style: first 20% of steps dense, then deterministic top-p
                        (mean-pooled estimate) at the density that keeps the run's mean on target
 pasa                   the library's defaults: grouped estimate (g = 64), three quarters of each
-                       row's top-k count to the nearest blocks (local_share = 0.75), the rest by
-                       the estimate with stochastic routing (tau = 0.25), and the curvature
+                       row's top-k count to the nearest blocks (local_share = 0.75, time
+                       distances counted half, the window's size steady across steps), the rest
+                       by the estimate with stochastic routing (tau = 0.25), and the curvature
                        budget from a profile recorded by one calibration run on a caption
                        outside the evaluation set
+pasa_isotropic_window  PASA with time and space distances counted alike (window_time_scale = 1)
+pasa_step_window       PASA with the window sized by each step's density (steady_window = False)
 pasa_no_local          PASA with the whole count routed by the estimate (local_share = 0)
 pasa_local50           PASA with half of each row's count to the nearest blocks
 pasa_local90           PASA with nine tenths of each row's count to the nearest blocks
@@ -36,6 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -99,6 +105,7 @@ def _pasa(**changes: object) -> Callable[[float], PASAConfig]:
         selection=defaults.selection,
         local_share=defaults.local_share,
         steady_window=defaults.steady_window,
+        window_time_scale=defaults.window_time_scale,
         budget="fixed",  # calibrated strategies get budget="profile" with the file, per run
     )
     base.update(changes)
@@ -113,15 +120,22 @@ def _peer(**changes: object) -> Callable[[float], PASAConfig]:
     return lambda density: PASAConfig(density=density, **base)
 
 
-def window_plan(layout: TokenLayout, density: float, batch: int = 1, heads: int = 1) -> BlockPlan:
+def window_plan(
+    layout: TokenLayout,
+    density: float,
+    batch: int = 1,
+    heads: int = 1,
+    time_scale: float = 1.0,
+) -> BlockPlan:
     """Static 3D local window at ``density``: every query block keeps ``round(density * N)`` key
     blocks, the text blocks (attended by all) and then the video blocks nearest in tile units
-    (:func:`pasa.layout.nearest_blocks`: Chebyshev distance, Euclidean to break ties, then the
-    lower index), itself included; text blocks attend to all."""
+    (:func:`pasa.layout.nearest_blocks`: Chebyshev distance with time scaled by ``time_scale``,
+    Euclidean to break ties, then the lower index), itself included; text blocks attend to
+    all."""
     n = layout.num_blocks
     video = min(layout.first_text_block, n)
     k = min(n, max(1, round(density * n)))
-    mask = nearest_blocks(layout, max(k - (n - video), 1)).clone()
+    mask = nearest_blocks(layout, max(k - (n - video), 1), time_scale).clone()
     mask[:, video:] = True  # text keys: always
     mask[video:] = True  # text queries: dense
     return BlockPlan.from_dense_mask(mask.expand(batch, heads, n, n).contiguous(), layout)
@@ -135,6 +149,9 @@ STRATEGIES: dict[str, Strategy] = {
                  _peer(selection="top_k")),
         Strategy("static_window", f"static 3D window (STA/Radial-style, {REIMPLEMENTED})",
                  _peer(selection="top_k"), plan_fn=window_plan),
+        Strategy("static_window_time",
+                 f"static 3D window stretched in time (time distance x 0.5, {REIMPLEMENTED})",
+                 _peer(selection="top_k"), plan_fn=partial(window_plan, time_scale=0.5)),
         Strategy("sparse_videogen", f"dense warm-up + top-p (Sparse-VideoGen-style, {REIMPLEMENTED})",
                  _peer(selection="top_p"), dense_warmup=WARMUP_FRACTION),
         Strategy("pasa", "PASA", _pasa(), calibrated=True),
@@ -146,6 +163,8 @@ STRATEGIES: dict[str, Strategy] = {
                  _pasa(local_share=0.9), calibrated=True),
         Strategy("pasa_step_window", "PASA with the window sized by each step's budget",
                  _pasa(steady_window=False), calibrated=True),
+        Strategy("pasa_isotropic_window", "PASA with time and space counted alike in the window",
+                 _pasa(window_time_scale=1.0), calibrated=True),
         Strategy("pasa_g32", "PASA with 32-token groups", _pasa(group_size=32), calibrated=True),
         Strategy("pasa_no_grouped", "PASA without grouped estimate", _pasa(group_size=128),
                  calibrated=True),

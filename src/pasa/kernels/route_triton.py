@@ -42,18 +42,26 @@ _TOPK_CHUNK = 2048
 
 @lru_cache(maxsize=64)
 def _bounds(
-    layout: TokenLayout, local: int, min_blocks: int, max_blocks: int | None, device: str
+    layout: TokenLayout,
+    local: int,
+    time_scale: float,
+    min_blocks: int,
+    max_blocks: int | None,
+    device: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int, torch.Tensor | None]:
     """Count floor / ceiling per query block (device int32), the eligibility mask of ranks
     ``[lo-1, hi-2]`` (device bool ``(N, N)``), ``sum(lo)``, ``sum(max(hi - lo, 0))`` and the
     local window (device int8 ``(N, N)``, None without one); ``local`` nearest blocks per video
-    row are forced (route.py's :func:`forced_blocks`)."""
+    row are forced, nearest with time distances scaled by ``time_scale`` (route.py's
+    :func:`forced_blocks`)."""
     config = PASAConfig(min_blocks=min_blocks, max_blocks=max_blocks)
-    forced, dense_rows = forced_blocks(layout, "cpu", local)
+    forced, dense_rows = forced_blocks(layout, "cpu", local, time_scale)
     lo, hi = _count_bounds(forced, dense_rows, config)  # (N,), (N,) int64
     rank = torch.arange(layout.num_blocks)
     eligible = (rank[None, :] >= lo[:, None] - 1) & (rank[None, :] <= hi[:, None] - 2)
-    window = nearest_blocks(layout, local).to(device=device, dtype=torch.int8) if local else None
+    window = None
+    if local:
+        window = nearest_blocks(layout, local, time_scale).to(device=device, dtype=torch.int8)
     return (
         lo.to(device=device, dtype=torch.int32),
         hi.to(device=device, dtype=torch.int32),
@@ -86,7 +94,12 @@ def route_from_scores(
     rows = batch * heads * n
     local = config.local_blocks(density, n)
     lo, hi, eligible, lo_total, eligible_total, window = _bounds(
-        layout, local, config.min_blocks, config.max_blocks, str(scores.device)
+        layout,
+        local,
+        config.window_time_scale,
+        config.min_blocks,
+        config.max_blocks,
+        str(scores.device),
     )
     if config.selection == "top_k":
         count = round(density * n)  # route.py's count rule, clamped per row in the kernel
