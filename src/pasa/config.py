@@ -166,7 +166,7 @@ class PASAConfig:
         if self.local_share <= 0.0 or density >= 1.0:
             return 0
         count = round(density * num_blocks)
-        sized = min(self.density, 1.0) if self.steady_window else density
+        sized = self.density if self.steady_window else density
         return min(round(self.local_share * round(sized * num_blocks)), count)
 
     @property

@@ -50,6 +50,8 @@ from pasa.layout import TokenLayout, nearest_blocks
 from pasa.plan import BlockPlan
 
 REIMPLEMENTED = "reimplemented for ablation"
+# The static_window_time peer takes the shape of PASA's default local window.
+PASA_WINDOW_TIME_SCALE = PASAConfig().window_time_scale
 WARMUP_FRACTION = 0.2  # Sparse-VideoGen-style dense warm-up share of the steps
 
 PlanFn = Callable[[TokenLayout, float, int, int], BlockPlan]  # (layout, density, batch, heads)
@@ -150,8 +152,10 @@ STRATEGIES: dict[str, Strategy] = {
         Strategy("static_window", f"static 3D window (STA/Radial-style, {REIMPLEMENTED})",
                  _peer(selection="top_k"), plan_fn=window_plan),
         Strategy("static_window_time",
-                 f"static 3D window stretched in time (time distance x 0.5, {REIMPLEMENTED})",
-                 _peer(selection="top_k"), plan_fn=partial(window_plan, time_scale=0.5)),
+                 f"static 3D window stretched in time (time distance x {PASA_WINDOW_TIME_SCALE:g}, "
+                 f"{REIMPLEMENTED})",
+                 _peer(selection="top_k"),
+                 plan_fn=partial(window_plan, time_scale=PASA_WINDOW_TIME_SCALE)),
         Strategy("sparse_videogen", f"dense warm-up + top-p (Sparse-VideoGen-style, {REIMPLEMENTED})",
                  _peer(selection="top_p"), dense_warmup=WARMUP_FRACTION),
         Strategy("pasa", "PASA", _pasa(), calibrated=True),
