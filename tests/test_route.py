@@ -215,3 +215,53 @@ def test_local_share_keeps_the_nearest_blocks_and_the_count():
     assert [step.local_blocks(d, n) for d in (0.125, 0.25, 0.5)] == [6, 12, 24]
     with pytest.raises(ValueError, match="local_share"):
         PASAConfig(local_share=1.5)
+
+
+def test_time_shifted_blocks_follow_the_tile_grid():
+    """On a grid the tiles divide, a block's time neighbour is one frame pair of blocks away."""
+    from pasa.layout import time_shifted_blocks
+
+    layout = make_layout((8, 16, 16), num_text_tokens=40)  # 4 time tiles of 4 blocks, then text
+    per_tile = 4
+    table = time_shifted_blocks(layout, 2)  # shifts -2, -1, +1, +2
+    video = torch.arange(16)
+    for row, u in zip(table, (-2, -1, 1, 2), strict=True):
+        want = video + u * per_tile
+        want[(want < 0) | (want >= 16)] = -1
+        assert torch.equal(row[:16], want)
+        assert (row[16:] == -1).all()  # text blocks have no time neighbour
+
+
+def test_shared_time_offsets_make_a_diagonal_line_rank_alike():
+    """With a radius that spans the clip, every block pair on one line of equal (time, space)
+    offset gets the line's mean score; radius 0 changes nothing."""
+    from pasa.route import share_time_offsets
+
+    layout = make_layout((8, 16, 16))
+    scores = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(share_time_offsets(scores, layout, 0), scores)
+    shared = share_time_offsets(scores, layout, 8)
+    # query space 1 -> key space 2, one time tile later: pairs (t*4+1, (t+1)*4+2) for t = 0..2
+    line = [(t * 4 + 1, (t + 1) * 4 + 2) for t in range(3)]
+    mean = torch.stack([scores[..., q, k] for q, k in line]).mean(0)
+    for q, k in line:
+        torch.testing.assert_close(shared[..., q, k], mean)
+    # radius 1 averages only the neighbours: the middle pair sees all three, the ends two
+    near = share_time_offsets(scores, layout, 1)
+    torch.testing.assert_close(near[..., 5, 10], mean)
+    end = torch.stack([scores[..., q, k] for q, k in line[:2]]).mean(0)
+    torch.testing.assert_close(near[..., 1, 6], end)
+
+
+def test_shared_time_offsets_reach_the_plan_and_keep_its_count():
+    """routing_time_radius changes which blocks the estimate routes, not how many."""
+    grid = (8, 32, 32)
+    q, k = make_qk(grid=grid, heads=2)
+    own = plan(q, k, grid=grid, density=0.25, local_share=0.5)
+    shared = plan(q, k, grid=grid, density=0.25, local_share=0.5, routing_time_radius=1)
+    assert torch.equal(own.kv_counts, shared.kv_counts)
+    assert not torch.equal(own.to_dense_mask(), shared.to_dense_mask())
+    with pytest.raises(ValueError, match="routing_time_radius"):
+        pasa.PASAConfig(routing_time_radius=-1)
+    with pytest.raises(ValueError, match="routing_time_radius"):
+        pasa.PASAConfig(routing_time_radius=True)
