@@ -56,10 +56,6 @@ class PASAConfig:
             the default 2-frame tiles) like one spatial tile: on the testbed it flickered
             0.013-0.020 less than the isotropic window (1.0) on 23 of 24 clip-densities and
             gained 0.8 dB at densities 0.10 and 0.15 (docs/results.md).
-        routing_time_radius: the estimate-routed blocks of a query block are ranked by its
-            log-mass averaged with the same offsets (in time and space) seen from up to this
-            many query time tiles before and after, so that neighbouring time tiles route to the
-            same relative neighbourhood; 0 ranks each tile by its own estimate.
         min_blocks: floor on key blocks per query-block row (diagonal and text blocks count).
         max_blocks: ceiling on key blocks per row, or None for no ceiling.
         seed: seed of the counter-based routing noise.
@@ -84,7 +80,6 @@ class PASAConfig:
     local_share: float = 0.75
     steady_window: bool = True
     window_time_scale: float = 0.5
-    routing_time_radius: int = 0
     min_blocks: int = 1
     max_blocks: int | None = None
     seed: int = 0
@@ -131,12 +126,6 @@ class PASAConfig:
             and self.window_time_scale > 0
         ):
             _fail("window_time_scale", self.window_time_scale, "a finite number > 0")
-        if (
-            not isinstance(self.routing_time_radius, int)
-            or isinstance(self.routing_time_radius, bool)
-            or self.routing_time_radius < 0
-        ):
-            _fail("routing_time_radius", self.routing_time_radius, "an int >= 0")
         if not isinstance(self.min_blocks, int) or self.min_blocks < 1:
             _fail("min_blocks", self.min_blocks, "an int >= 1")
         if self.max_blocks is not None and (

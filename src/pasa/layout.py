@@ -189,22 +189,3 @@ def nearest_blocks(layout: TokenLayout, count: int, time_scale: float = 1.0) -> 
     nearest = score.argsort(dim=-1, stable=True)[:, :k]  # topk leaves the order of ties open
     mask[:video, :video].scatter_(-1, nearest.to(mask.device), True)
     return mask
-
-
-@lru_cache(maxsize=64)
-def time_shifted_blocks(layout: TokenLayout, radius: int) -> torch.Tensor:
-    """``(2 * radius, N)`` int64 on the layout's device: row ``i`` maps each block to the video
-    block whose centre lies ``u`` time tiles later (``u = -radius, ..., -1, 1, ..., radius``,
-    earlier for negative ``u``) at the same place in space, or -1 where there is none (the clip's
-    first or last tiles, ragged tiles, text blocks)."""
-    centres = block_centres(layout)
-    n = layout.num_blocks
-    video = min(layout.first_text_block, n)
-    index = {tuple(round(float(c), 6) for c in centres[b]): b for b in range(video)}
-    shifts = [u for u in range(-radius, radius + 1) if u != 0]
-    table = torch.full((len(shifts), n), -1, dtype=torch.int64)
-    for i, u in enumerate(shifts):
-        for b in range(video):
-            t, y, x = (float(c) for c in centres[b])
-            table[i, b] = index.get((round(t + u, 6), round(y, 6), round(x, 6)), -1)
-    return table.to(layout.perm.device)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from pasa.config import PASAConfig
-from pasa.layout import TokenLayout, nearest_blocks, time_shifted_blocks
+from pasa.layout import TokenLayout, nearest_blocks
 from pasa.noise import routing_gumbel
 from pasa.plan import BlockPlan, compact_selection
 
@@ -56,54 +56,6 @@ def _count_bounds(
     return lo, hi
 
 
-def share_time_offsets(scores: torch.Tensor, layout: TokenLayout, radius: int) -> torch.Tensor:
-    """Average each ``(query, key)`` block pair's score with the pairs at the same offset in
-    time and space seen from the ``radius`` query time tiles before and after (where both blocks
-    of the shifted pair exist), so that neighbouring time tiles rank the same relative
-    neighbourhood alike.
-
-    Args:
-        scores: ``(B, H, N, N)`` fp32 (log-shares; ``+inf`` on the diagonal stays there).
-    Returns:
-        ``(B, H, N, N)``; unchanged when ``radius`` is 0 or no block has a time neighbour.
-    """
-    if radius <= 0:
-        return scores
-    shifts = time_shifted_blocks(layout, radius)  # (2r, N)
-    total = scores.clone()
-    count = torch.ones(scores.shape[-2:], device=scores.device)
-    for shifted in shifts:
-        valid = shifted >= 0
-        pair = valid[:, None] & valid[None, :]  # (N, N)
-        if not bool(pair.any()):
-            continue
-        idx = shifted.clamp(min=0)
-        moved = scores.index_select(-2, idx).index_select(-1, idx)
-        total = total + torch.where(pair, moved, 0.0)
-        count = count + pair
-    return total / count
-
-
-def add_routing_noise(
-    scores: torch.Tensor, *, config: PASAConfig, step: int, layer: int, head_offset: int = 0
-) -> torch.Tensor:
-    """``scores + tau * Gumbel`` (``(B, H, Nq, Nk)``; the noise keyed by seed, step, layer and
-    global head), or ``scores`` itself at ``tau = 0``."""
-    if config.temperature <= 0:
-        return scores
-    heads = scores.shape[1]
-    gumbel = routing_gumbel(
-        seed=config.seed,
-        step=step,
-        layer=layer,
-        heads=torch.arange(head_offset, head_offset + heads),
-        num_q_blocks=scores.shape[2],
-        num_k_blocks=scores.shape[3],
-        device=scores.device,
-    )  # (H, Nq, Nk)
-    return scores + config.temperature * gumbel
-
-
 def routing_scores(
     mass: torch.Tensor,
     *,
@@ -111,17 +63,22 @@ def routing_scores(
     step: int,
     layer: int,
     head_offset: int = 0,
-    layout: TokenLayout | None = None,
 ) -> torch.Tensor:
-    """``(B, H, Nq, Nk)`` fp32 ranking scores ``log mass + tau * Gumbel`` (mass row-normalised),
-    the log-mass first shared across ``config.routing_time_radius`` time tiles (needs
-    ``layout``; :func:`share_time_offsets`)."""
+    """``(B, H, Nq, Nk)`` fp32 ranking scores ``log mass + tau * Gumbel`` (mass row-normalised)."""
+    heads = mass.shape[1]
     scores = mass.clamp_min(1e-30).log()
-    if config.routing_time_radius > 0:
-        if layout is None:
-            raise ValueError("routing_time_radius > 0 needs the layout")
-        scores = share_time_offsets(scores, layout, config.routing_time_radius)
-    return add_routing_noise(scores, config=config, step=step, layer=layer, head_offset=head_offset)
+    if config.temperature > 0:
+        gumbel = routing_gumbel(
+            seed=config.seed,
+            step=step,
+            layer=layer,
+            heads=torch.arange(head_offset, head_offset + heads),
+            num_q_blocks=mass.shape[2],
+            num_k_blocks=mass.shape[3],
+            device=mass.device,
+        )  # (H, Nq, Nk)
+        scores = scores + config.temperature * gumbel
+    return scores
 
 
 def select_blocks(
@@ -157,9 +114,7 @@ def select_blocks(
     mass = mass.float()
     share = mass / mass.sum(-1, keepdim=True).clamp_min(1e-30)
     share = (share + _MASS_FLOOR) / (1.0 + _MASS_FLOOR * cols)
-    scores = routing_scores(
-        share, config=config, step=step, layer=layer, head_offset=head_offset, layout=layout
-    )
+    scores = routing_scores(share, config=config, step=step, layer=layer, head_offset=head_offset)
     scores = scores.masked_fill(forced | dense_rows[:, None], float("inf"))
     order = scores.argsort(
         dim=-1, descending=True, stable=True

@@ -28,12 +28,6 @@ pasa_step_window       PASA with the window sized by each step's density (steady
 pasa_no_local          PASA with the whole count routed by the estimate (local_share = 0)
 pasa_local50           PASA with half of each row's count to the nearest blocks
 pasa_local90           PASA with nine tenths of each row's count to the nearest blocks
-pasa_time_shared       PASA with the estimate shared across neighbouring time tiles
-                       (routing_time_radius = 1: each query tile ranks key offsets by the mean of
-                       its own and its two time neighbours' log-mass at the same offset)
-pasa_time_shared_all   the same over the whole clip (routing_time_radius = 8): every time tile
-                       routes to the same relative offsets, a window shaped by the estimate
-pasa_local90_time_all  nine tenths local and the estimate shared over the whole clip
 pasa_g32               PASA with the grouped estimate at g = 32 (4 x 4 group pairs per block pair)
 pasa_no_grouped        PASA with one group per block (mean-pooled estimate)
 pasa_no_stochastic     PASA with deterministic routing (tau = 0)
@@ -114,7 +108,6 @@ def _pasa(**changes: object) -> Callable[[float], PASAConfig]:
         local_share=defaults.local_share,
         steady_window=defaults.steady_window,
         window_time_scale=defaults.window_time_scale,
-        routing_time_radius=defaults.routing_time_radius,
         budget="fixed",  # calibrated strategies get budget="profile" with the file, per run
     )
     base.update(changes)
@@ -172,13 +165,6 @@ STRATEGIES: dict[str, Strategy] = {
                  _pasa(local_share=0.5), calibrated=True),
         Strategy("pasa_local90", "PASA with 9/10 of each row local (local_share = 0.9)",
                  _pasa(local_share=0.9), calibrated=True),
-        Strategy("pasa_time_shared", "PASA with the estimate shared across 3 time tiles",
-                 _pasa(routing_time_radius=1), calibrated=True),
-        Strategy("pasa_time_shared_all", "PASA with the estimate shared across all time tiles",
-                 _pasa(routing_time_radius=8), calibrated=True),
-        Strategy("pasa_local90_time_all",
-                 "PASA, 9/10 local, the estimate shared across all time tiles",
-                 _pasa(local_share=0.9, routing_time_radius=8), calibrated=True),
         Strategy("pasa_step_window", "PASA with the window sized by each step's budget",
                  _pasa(steady_window=False), calibrated=True),
         Strategy("pasa_isotropic_window", "PASA with time and space counted alike in the window",

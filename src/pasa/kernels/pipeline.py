@@ -17,7 +17,7 @@ from pasa.kernels.permute import group_means as _group_means
 from pasa.kernels.route_triton import route_from_scores
 from pasa.layout import TokenLayout
 from pasa.plan import BlockPlan
-from pasa.route import _MASS_FLOOR, add_routing_noise, share_time_offsets
+from pasa.route import _MASS_FLOOR
 
 
 def fast_path_unavailable(q: torch.Tensor, config: PASAConfig) -> str | None:
@@ -72,7 +72,6 @@ def plan_from_means(
     batch, heads = qg.shape[:2]
     if density >= 1.0:
         return BlockPlan.full(layout, batch, heads, qg.device)
-    shared = config.routing_time_radius > 0  # the noise goes on after the time sharing
     share, scores = grouped_block_estimate(
         qg,
         kg,
@@ -83,14 +82,9 @@ def plan_from_means(
             "first_text_block": layout.first_text_block,
             "noise_key": noise_key(config.seed, step, layer),
             "head_offset": head_offset,
-            "temperature": 0.0 if shared else float(config.temperature),
+            "temperature": float(config.temperature),
             "mass_floor": _MASS_FLOOR,
         },
         need_share=config.selection == "top_p",  # top-k ranks the scores alone
     )
-    if shared:
-        scores = share_time_offsets(scores, layout, config.routing_time_radius)
-        scores = add_routing_noise(
-            scores, config=config, step=step, layer=layer, head_offset=head_offset
-        )
     return route_from_scores(share, scores, layout=layout, config=config, density=density)
