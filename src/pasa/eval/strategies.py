@@ -25,6 +25,9 @@ pasa                   the library's defaults: grouped estimate (g = 64), three 
                        outside the evaluation set
 pasa_isotropic_window  PASA with time and space distances counted alike (window_time_scale = 1)
 pasa_step_window       PASA with the window sized by each step's density (steady_window = False)
+pasa_window_floor      PASA whose budget never gives a step fewer blocks than its local window
+pasa_local90_fixed     nine tenths local and a fixed per-step budget
+pasa_local100          the local window alone (local_share = 1) under PASA's curvature budget
 pasa_no_local          PASA with the whole count routed by the estimate (local_share = 0)
 pasa_local50           PASA with half of each row's count to the nearest blocks
 pasa_local90           PASA with nine tenths of each row's count to the nearest blocks
@@ -98,8 +101,9 @@ class Strategy:
         return [1.0] * warm + [min(1.0, sparse)] * rest
 
 
-def _pasa(**changes: object) -> Callable[[float], PASAConfig]:
-    """PASA as a user gets it (``PASAConfig`` defaults) with ``changes`` for the ablations."""
+def _pasa(floor_share: float = 0.0, **changes: object) -> Callable[[float], PASAConfig]:
+    """PASA as a user gets it (``PASAConfig`` defaults) with ``changes`` for the ablations;
+    ``floor_share`` raises the budget's per-step floor to that share of the density."""
     defaults = PASAConfig()
     base = dict(
         group_size=defaults.group_size,
@@ -112,7 +116,9 @@ def _pasa(**changes: object) -> Callable[[float], PASAConfig]:
     )
     base.update(changes)
     return lambda density: PASAConfig(
-        density=density, min_step_density=min(defaults.min_step_density, density), **base
+        density=density,
+        min_step_density=max(min(defaults.min_step_density, density), floor_share * density),
+        **base,
     )
 
 
@@ -165,6 +171,13 @@ STRATEGIES: dict[str, Strategy] = {
                  _pasa(local_share=0.5), calibrated=True),
         Strategy("pasa_local90", "PASA with 9/10 of each row local (local_share = 0.9)",
                  _pasa(local_share=0.9), calibrated=True),
+        Strategy("pasa_window_floor",
+                 "PASA with no step below its local window (step floor = local_share x density)",
+                 _pasa(floor_share=PASAConfig().local_share), calibrated=True),
+        Strategy("pasa_local90_fixed", "PASA with 9/10 local and a fixed per-step budget",
+                 _pasa(local_share=0.9)),
+        Strategy("pasa_local100", "PASA's window alone under its curvature budget (local_share = 1)",
+                 _pasa(local_share=1.0), calibrated=True),
         Strategy("pasa_step_window", "PASA with the window sized by each step's budget",
                  _pasa(steady_window=False), calibrated=True),
         Strategy("pasa_isotropic_window", "PASA with time and space counted alike in the window",
