@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=None, help="default: the training size")
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", default=None, help="JSON report")
+    ap.add_argument("--clips-out", default=None,
+                    help="folder to save every clip as uint8 (F, H, W, 3) tensors (NAME.pt)")  # fmt: skip
     args = ap.parse_args(argv)
     device = resolve_device(args.device)
     model, config, _ = load_model(args.checkpoint, device)
@@ -93,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     caption = eval_captions(args.caption + 1)[args.caption]
     start = time.monotonic()
     dense = generate(model, config, caption, seed=args.seed, **common)
+    clips_out = Path(args.clips_out) if args.clips_out else None
+    if clips_out is not None:
+        clips_out.mkdir(parents=True, exist_ok=True)
+        torch.save(to_uint8(dense.frames), clips_out / "dense.pt")
     ref = frame_differences(dense.frames)
     ref_flicker = temporal_flickering(dense.frames)
     across = torch.tensor([(i + 1) % tile_frames == 0 for i in range(ref.numel())])
@@ -110,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                 hooks = replace(hooks, config=hooks.config.replace(**changes))
             run = generate(model, config, caption, seed=args.seed, hooks=hooks, **common)
             excess = frame_differences(run.frames) - ref
+            if clips_out is not None:
+                torch.save(to_uint8(run.frames), clips_out / f"{name.replace(' ', '_')}.pt")
             rows[name] = {
                 "excess_per_transition": [round(float(x), 3) for x in excess],
                 "within_tile": round(float(excess[~across].mean()), 3),
