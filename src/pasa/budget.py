@@ -181,7 +181,6 @@ class ProfileBudget(_PlannedBudget):
         min_density: float,
         dense_quantile: float,
         num_steps: int,
-        step_size_weight: float = 0.0,
     ) -> None:
         if num_steps != profile.num_steps:
             raise ValueError(
@@ -190,9 +189,7 @@ class ProfileBudget(_PlannedBudget):
             )
         super().__init__(num_steps)
         self.profile = profile
-        self.planned = profile.densities(
-            mean_density, min_density, dense_quantile, step_size_weight
-        )
+        self.planned = profile.densities(mean_density, min_density, dense_quantile)
 
     def _plan(self, step: int) -> float:
         return self.planned[step]
@@ -215,6 +212,5 @@ def make_budget(config: PASAConfig, num_steps: int) -> StepBudget:
             min_density=config.min_step_density,
             dense_quantile=config.dense_quantile,
             num_steps=num_steps,
-            step_size_weight=config.step_size_weight,
         )
     raise ValueError(f"unknown budget mode {config.budget!r}")

@@ -64,10 +64,6 @@ class PASAConfig:
         dense_quantile: share of denoising steps, those of highest curvature, run dense (a
             dense step must leave every other step at least 0.75 x ``density``).
         min_step_density: floor on one step's density when the budget varies it by step.
-        step_size_weight: exponent ``b`` of each step's noise-level step ``ds`` in its weight
-            (``budget="profile"``): densities follow ``kappa ** 0.5 * ds ** b``, so the late,
-            long steps of a shifted schedule, whose velocity errors reach the sample least
-            damped, keep more blocks; 0 weighs curvature alone.
         profile_path: JSON profile for ``budget="profile"``.
         approximate: cover unselected blocks with group-mean keys and values (ablation).
         backend: ``"auto"``, ``"reference"``, ``"flex"`` or ``"fa4"``.
@@ -90,7 +86,6 @@ class PASAConfig:
     budget: BudgetMode = "fixed"
     dense_quantile: float = 0.1
     min_step_density: float = 0.05
-    step_size_weight: float = 0.0
     profile_path: str | None = field(default=None, compare=False)
     approximate: bool = False
     backend: str = "auto"
@@ -154,12 +149,6 @@ class PASAConfig:
                 self.min_step_density,
                 f"a number in (0, density={self.density}]",
             )
-        if not (
-            isinstance(self.step_size_weight, (int, float))
-            and math.isfinite(self.step_size_weight)
-            and self.step_size_weight >= 0
-        ):
-            _fail("step_size_weight", self.step_size_weight, "a finite number >= 0")
         if self.budget == "profile" and not self.profile_path:
             _fail("profile_path", self.profile_path, 'a JSON file path when budget="profile"')
         if self.backend not in BACKENDS:

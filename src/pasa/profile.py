@@ -55,11 +55,7 @@ class BudgetProfile:
         return cls(model, scheduler, n, tuple(resolution), list(sigmas), list(kappas))
 
     def densities(
-        self,
-        mean_density: float,
-        min_density: float,
-        dense_quantile: float,
-        step_size_weight: float = 0.0,
+        self, mean_density: float, min_density: float, dense_quantile: float
     ) -> list[float]:
         """``(num_steps,)`` densities from the recorded curvatures.
 
@@ -67,23 +63,10 @@ class BudgetProfile:
         curved as the most curved recorded step: early steps set the layout, and the first
         measured curvature is the run's largest on the testbed. (Counting them as infinitely
         curved gave the first step 10x the median step's density, 0.61 at a mean of 0.10.)
-
-        ``step_size_weight`` ``b`` > 0 scales each step's weight by ``(ds_i / median ds) ** b``,
-        ``ds_i = sigma_i - sigma_{i+1}`` (the last step runs to sigma 0): the share of a step's
-        velocity error that an Euler step carries into the sample.
         """
         known = [k for k in self.curvatures if k is not None]
         top = max(known) if known else math.inf
         kappas = [top if k is None else k for k in self.curvatures]
-        if step_size_weight > 0 and len(self.sigmas) == len(kappas) > 1:
-            steps = [a - b for a, b in zip(self.sigmas, [*self.sigmas[1:], 0.0], strict=True)]
-            middle = sorted(steps)[len(steps) // 2]
-            if middle > 0 and min(steps) > 0:
-                # allocate_densities weighs kappa ** 0.5: kappa * r ** (2 b) gives r ** b.
-                kappas = [
-                    k * (d / middle) ** (2 * step_size_weight)
-                    for k, d in zip(kappas, steps, strict=True)
-                ]
         kw = {"mean_density": mean_density, "min_density": min_density}
         return allocate_densities(kappas, dense_quantile=dense_quantile, **kw)
 

@@ -25,10 +25,6 @@ pasa                   the library's defaults: grouped estimate (g = 64), three 
                        outside the evaluation set
 pasa_isotropic_window  PASA with time and space distances counted alike (window_time_scale = 1)
 pasa_step_window       PASA with the window sized by each step's density (steady_window = False)
-pasa_dsigma50          PASA whose budget also weighs each step's noise-level step (ds ** 0.5)
-pasa_dsigma100         the same with ds ** 1
-pasa_local90_dsigma50  nine tenths local, budget with ds ** 0.5
-pasa_local100_dsigma50 the window alone (local_share = 1), budget with ds ** 0.5
 pasa_window_floor      PASA whose budget never gives a step fewer blocks than its local window
 pasa_local90_fixed     nine tenths local and a fixed per-step budget
 pasa_local100          the local window alone (local_share = 1) under PASA's curvature budget
@@ -182,15 +178,6 @@ STRATEGIES: dict[str, Strategy] = {
                  _pasa(local_share=0.9)),
         Strategy("pasa_local100", "PASA's window alone under its curvature budget (local_share = 1)",
                  _pasa(local_share=1.0), calibrated=True),
-        Strategy("pasa_dsigma50", "PASA, budget weighing step size (ds ** 0.5)",
-                 _pasa(step_size_weight=0.5), calibrated=True),
-        Strategy("pasa_dsigma100", "PASA, budget weighing step size (ds ** 1)",
-                 _pasa(step_size_weight=1.0), calibrated=True),
-        Strategy("pasa_local90_dsigma50", "PASA, 9/10 local, budget weighing step size (ds ** 0.5)",
-                 _pasa(local_share=0.9, step_size_weight=0.5), calibrated=True),
-        Strategy("pasa_local100_dsigma50",
-                 "PASA's window alone, budget weighing step size (ds ** 0.5)",
-                 _pasa(local_share=1.0, step_size_weight=0.5), calibrated=True),
         Strategy("pasa_step_window", "PASA with the window sized by each step's budget",
                  _pasa(steady_window=False), calibrated=True),
         Strategy("pasa_isotropic_window", "PASA with time and space counted alike in the window",
