@@ -51,6 +51,22 @@ def frame_differences(clip: torch.Tensor) -> torch.Tensor:
     return (frames[1:] - frames[:-1]).abs().mean(dim=(1, 2, 3))
 
 
+def spatial_detail(clip: torch.Tensor) -> float:
+    """Mean absolute difference of horizontally and vertically neighbouring 8-bit pixels."""
+    f = to_uint8(clip).float()  # (F, H, W, 3)
+    dy = (f[:, 1:] - f[:, :-1]).abs().mean()
+    dx = (f[:, :, 1:] - f[:, :, :-1]).abs().mean()
+    return float((dx + dy) / 2)
+
+
+def coarse_frame_difference(clip: torch.Tensor, pool: int = 8) -> float:
+    """Mean absolute difference of consecutive 8-bit frames after ``pool`` x ``pool`` average
+    pooling: frame-to-frame change of the picture's coarse layout, without its fine texture."""
+    f = to_uint8(clip).float().permute(0, 3, 1, 2)  # (F, 3, H, W)
+    coarse = torch.nn.functional.avg_pool2d(f, pool)
+    return float((coarse[1:] - coarse[:-1]).abs().mean())
+
+
 def parse_variant(text: str) -> dict[str, object]:
     """``"local_share=0.9,temperature=0"`` -> ``{"local_share": 0.9, "temperature": 0.0}``
     (numbers as int or float, anything else as a string; PASAConfig validates the fields)."""
@@ -103,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     ref_flicker = temporal_flickering(dense.frames)
     across = torch.tensor([(i + 1) % tile_frames == 0 for i in range(ref.numel())])
     rows = {}
+    dense_texture = {
+        "spatial_detail": round(spatial_detail(dense.frames), 3),
+        "coarse_frame_difference": round(coarse_frame_difference(dense.frames), 3),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         profile = Path(tmp) / "profile.json"
         runs = [(name, name, {}) for name in args.strategies]
@@ -125,10 +145,15 @@ def main(argv: list[str] | None = None) -> int:
                 "mean_density": round(run.mean_density, 4),
                 "psnr": round(psnr(run.frames, dense.frames), 3),
                 "flicker_excess": round(ref_flicker - temporal_flickering(run.frames), 5),
+                "spatial_detail": round(spatial_detail(run.frames), 3),
+                "coarse_frame_difference": round(coarse_frame_difference(run.frames), 3),
             }
             print(f"{name:24s} PSNR {rows[name]['psnr']:.2f} dB, frame-difference excess over dense (8-bit levels): within a tile "
                   f"{rows[name]['within_tile']:+.3f}, across tiles "
-                  f"{rows[name]['across_tiles']:+.3f}", flush=True)  # fmt: skip
+                  f"{rows[name]['across_tiles']:+.3f}; spatial detail {rows[name]['spatial_detail']:.2f} "
+                  f"(dense {dense_texture['spatial_detail']:.2f}), coarse frame difference "
+                  f"{rows[name]['coarse_frame_difference']:.2f} "
+                  f"(dense {dense_texture['coarse_frame_difference']:.2f})", flush=True)  # fmt: skip
     report = {
         "benchmark": "flicker_by_transition",
         "checkpoint": describe_checkpoint(args.checkpoint),
@@ -139,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         "grid": grid,
         "tile_frames": tile_frames,
         "dense_per_transition": [round(float(x), 3) for x in ref],
+        "dense": dense_texture,
         "strategies": rows,
         "seconds": round(time.monotonic() - start, 1),
     }

@@ -1,0 +1,134 @@
+"""How far is each sparse strategy's attention output from dense, layer by layer?
+
+Along a *dense* sampling trajectory of the testbed (so every strategy sees the same inputs), at
+some denoising steps, every video self-attention call is also computed with each strategy's plan,
+and its output is compared with the dense output of the same call:
+
+- ``rel_err``: ``||o - o_dense|| / ||o_dense||``;
+- ``norm_ratio``: ``||o|| / ||o_dense||``;
+- ``contrast_ratio``: the same for ``o`` minus its mean over tokens (per batch item, head and
+  channel): above 1, the sparse output varies more from token to token than dense attention's.
+  Softmax over fewer keys averages fewer values, so when attention is diffuse, dropping the far
+  blocks' small but many shares of mass leaves outputs of higher contrast.
+
+Strategies: PASA (library defaults, fixed budget), PASA with the approximate branch (unselected
+blocks through group means), and the suite's static window stretched in time.
+
+    PYTHONPATH=src python benchmarks/attention_error_by_layer.py --out benchmarks/results/attention-error-by-layer-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _diffusers_common import write_json
+
+import pasa
+from pasa.attention import layout_for
+from pasa.eval.generate import eval_captions, load_model, resolve_device
+from pasa.eval.strategies import get_strategy
+from pasa.integrations.diffusers import processors
+from pasa.provenance import git_commit
+from pasa.testbed.model import DEFAULT_CHECKPOINT, describe_checkpoint
+from pasa.testbed.sample import sample
+
+METRICS = ("rel_err", "norm_ratio", "contrast_ratio")
+
+
+def compare(out: torch.Tensor, dense: torch.Tensor) -> dict[str, float]:
+    """Error, norm and contrast of ``(B, S, H, D)`` ``out`` against ``dense``."""
+    o, d = out.float(), dense.float()
+    co, cd = o - o.mean(1, keepdim=True), d - d.mean(1, keepdim=True)
+    return {
+        "rel_err": float((o - d).norm() / d.norm()),
+        "norm_ratio": float(o.norm() / d.norm()),
+        "contrast_ratio": float(co.norm() / cd.norm()),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    ap.add_argument("--density", type=float, default=0.1)
+    ap.add_argument("--captions", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--at-steps", type=int, nargs="+", default=[0, 5, 10, 15, 19])
+    ap.add_argument("--size", type=int, default=None, help="default: the training size")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--out", default=None, help="JSON report")
+    args = ap.parse_args(argv)
+    device = resolve_device(args.device)
+    model, config, _ = load_model(args.checkpoint, device)
+    size = args.size or config.height
+    pasa_config = get_strategy("pasa").config(args.density)
+    variants = {
+        "pasa": dict(config=pasa_config),
+        "pasa_approximate": dict(config=pasa_config.replace(approximate=True)),
+        "static_window_time": dict(config=pasa_config, plan_fn=get_strategy("static_window_time").plan_fn),
+    }  # fmt: skip
+    original = processors.sparse_attention
+    rows: list[dict] = []
+    current = {"caption": 0}  # the caption being sampled, for the rows
+
+    def attend(q, k, v, *, config, step, layer, density=None, plan=None, return_plan=False, **kw):
+        dense, dense_plan = original(
+            q, k, v, config=config, step=step, layer=layer, density=1.0, return_plan=True, **kw
+        )
+        if step in args.at_steps:
+            for name, variant in variants.items():
+                fixed = None
+                if "plan_fn" in variant:
+                    layout = layout_for(q, grid=kw["grid"], config=variant["config"],
+                                        num_text_tokens=kw.get("num_text_tokens", 0))  # fmt: skip
+                    fixed = variant["plan_fn"](layout, args.density, q.shape[0], q.shape[2])
+                out = original(q, k, v, config=variant["config"], step=step, layer=layer,
+                               plan=fixed, **kw)  # fmt: skip
+                rows.append({"caption": current["caption"], "step": step, "layer": layer,
+                             "strategy": name, **compare(out, dense)})  # fmt: skip
+        return (dense, dense_plan) if return_plan else dense
+
+    start = time.monotonic()
+    processors.sparse_attention = attend
+    try:
+        # Any density below 1 routes every video self-attention call through the processor.
+        pasa.apply(model, pasa.PASAConfig(density=0.5))
+        for index, caption in enumerate(eval_captions(args.captions)):
+            current["caption"] = index
+            sample(model, config, caption, seed=0, num_steps=args.steps, height=size, width=size)
+    finally:
+        processors.sparse_attention = original
+        pasa.remove(model)
+    summary = {}
+    for name in variants:
+        for layer in sorted({r["layer"] for r in rows}):
+            sel = [r for r in rows if r["strategy"] == name and r["layer"] == layer]
+            means = {k: round(sum(r[k] for r in sel) / len(sel), 4) for k in METRICS}
+            summary.setdefault(name, []).append(means)
+        print(f"{name:20s} " + "  ".join(
+            f"L{i} {s['rel_err']:.2f}/{s['contrast_ratio']:.2f}" for i, s in enumerate(summary[name])
+        ), "(rel err / contrast ratio)", flush=True)  # fmt: skip
+    report = {
+        "benchmark": "attention_error_by_layer",
+        "checkpoint": describe_checkpoint(args.checkpoint),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "versions": f"torch {torch.__version__}",
+        "commit": git_commit(),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("checkpoint", "out")},
+        "per_layer_mean": summary,
+        "rows": rows,
+        "seconds": round(time.monotonic() - start, 1),
+    }
+    if args.out:
+        write_json(report, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
