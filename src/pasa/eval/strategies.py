@@ -28,6 +28,11 @@ pasa_step_window       PASA with the window sized by each step's density (steady
 pasa_window_floor      PASA whose budget never gives a step fewer blocks than its local window
 pasa_local90_fixed     nine tenths local and a fixed per-step budget
 pasa_local100          the local window alone (local_share = 1) under PASA's curvature budget
+                       (steady: on the budget's expensive steps the estimate routes the rest)
+pasa_window_budget     the window alone, sized from each step's density: a static window whose
+                       size follows the curvature budget (no estimate-routed blocks at all)
+pasa_local90_step_window  nine tenths local, the window sized from each step's density
+pasa_local100_tau0     pasa_local100 with deterministic routing of the expensive steps' rest
 pasa_no_local          PASA with the whole count routed by the estimate (local_share = 0)
 pasa_local50           PASA with half of each row's count to the nearest blocks
 pasa_local90           PASA with nine tenths of each row's count to the nearest blocks
@@ -178,6 +183,14 @@ STRATEGIES: dict[str, Strategy] = {
                  _pasa(local_share=0.9)),
         Strategy("pasa_local100", "PASA's window alone under its curvature budget (local_share = 1)",
                  _pasa(local_share=1.0), calibrated=True),
+        Strategy("pasa_window_budget",
+                 "the local window alone, sized by each step's budget (local_share = 1, window per step)",
+                 _pasa(local_share=1.0, steady_window=False), calibrated=True),
+        Strategy("pasa_local90_step_window", "PASA, 9/10 local, window sized by each step's budget",
+                 _pasa(local_share=0.9, steady_window=False), calibrated=True),
+        Strategy("pasa_local100_tau0",
+                 "the steady window alone under the curvature budget, deterministic routing",
+                 _pasa(local_share=1.0, temperature=0.0), calibrated=True),
         Strategy("pasa_step_window", "PASA with the window sized by each step's budget",
                  _pasa(steady_window=False), calibrated=True),
         Strategy("pasa_isotropic_window", "PASA with time and space counted alike in the window",
