@@ -89,6 +89,25 @@ def environment() -> dict[str, Any]:
     return env
 
 
+def testbed_header(benchmark: str, args: Any, device: torch.device) -> dict[str, Any]:
+    """The fields every testbed benchmark's JSON starts with: its name, the checkpoint (path
+    and hash), the device, versions, commit, and the command-line settings (``args``, an
+    ``argparse.Namespace`` with ``checkpoint`` and ``out``)."""
+    import diffusers
+
+    from pasa.testbed.model import describe_checkpoint
+
+    return {
+        "benchmark": benchmark,
+        "checkpoint": describe_checkpoint(args.checkpoint),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "versions": f"torch {torch.__version__}, diffusers {diffusers.__version__}",
+        "platform": platform.platform(terse=True),
+        "commit": git_commit(),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("checkpoint", "out")},
+    }
+
+
 def write_json(data: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

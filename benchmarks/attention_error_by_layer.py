@@ -28,15 +28,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _diffusers_common import write_json
+from _diffusers_common import testbed_header, write_json
 
 import pasa
 from pasa.attention import layout_for
 from pasa.eval.generate import eval_captions, load_model, resolve_device
 from pasa.eval.strategies import get_strategy
 from pasa.integrations.diffusers import processors
-from pasa.provenance import git_commit
-from pasa.testbed.model import DEFAULT_CHECKPOINT, describe_checkpoint
+from pasa.testbed.model import DEFAULT_CHECKPOINT
 from pasa.testbed.sample import sample
 
 METRICS = ("rel_err", "norm_ratio", "contrast_ratio")
@@ -115,12 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             f"L{i} {s['rel_err']:.2f}/{s['contrast_ratio']:.2f}" for i, s in enumerate(summary[name])
         ), "(rel err / contrast ratio)", flush=True)  # fmt: skip
     report = {
-        "benchmark": "attention_error_by_layer",
-        "checkpoint": describe_checkpoint(args.checkpoint),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "versions": f"torch {torch.__version__}",
-        "commit": git_commit(),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("checkpoint", "out")},
+        **testbed_header("attention_error_by_layer", args, device),
         "per_layer_mean": summary,
         "rows": rows,
         "seconds": round(time.monotonic() - start, 1),

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _diffusers_common import write_json
+from _diffusers_common import testbed_header, write_json
 
 from pasa.eval.generate import (
     calibrate_profile,
@@ -41,8 +41,7 @@ from pasa.eval.generate import (
 from pasa.eval.metrics import psnr, temporal_flickering, to_uint8
 from pasa.eval.strategies import get_strategy
 from pasa.layout import auto_tile
-from pasa.provenance import git_commit
-from pasa.testbed.model import DEFAULT_CHECKPOINT, describe_checkpoint
+from pasa.testbed.model import DEFAULT_CHECKPOINT
 
 
 def frame_differences(clip: torch.Tensor) -> torch.Tensor:
@@ -155,12 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{rows[name]['coarse_frame_difference']:.2f} "
                   f"(dense {dense_texture['coarse_frame_difference']:.2f})", flush=True)  # fmt: skip
     report = {
-        "benchmark": "flicker_by_transition",
-        "checkpoint": describe_checkpoint(args.checkpoint),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "commit": git_commit(),
-        "caption": caption,
-        "settings": {k: v for k, v in vars(args).items() if k not in ("checkpoint", "out")},
+        **testbed_header("flicker_by_transition", args, device),
         "grid": grid,
         "tile_frames": tile_frames,
         "dense_per_transition": [round(float(x), 3) for x in ref],

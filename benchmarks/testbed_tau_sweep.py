@@ -14,14 +14,13 @@ difference there).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
-from _diffusers_common import git_commit  # benchmarks/ is the script's folder
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _diffusers_common import testbed_header, write_json
 
 from pasa.config import PASAConfig
 from pasa.eval import metrics
@@ -33,7 +32,7 @@ from pasa.eval.generate import (
     load_model,
     resolve_device,
 )
-from pasa.testbed.model import DEFAULT_CHECKPOINT, describe_checkpoint
+from pasa.testbed.model import DEFAULT_CHECKPOINT
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,18 +83,12 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     result = {
-        "benchmark": "testbed_tau_sweep",
-        "checkpoint": describe_checkpoint(args.checkpoint),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "platform": platform.platform(terse=True),
-        "torch": torch.__version__,
-        "commit": git_commit(),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("checkpoint", "out")},
+        **testbed_header("testbed_tau_sweep", args, device),
         "caption": caption,
         "rows": rows,
     }
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(result, args.out)
     return 0
 
 
