@@ -55,7 +55,7 @@ def test_suite_writes_results(checkpoint, tmp_path):
     assert by_name["static_window"]["plan_jaccard"] == 1.0  # the same plan at every step
     assert by_name["sparse_videogen"]["step_densities"][0] == 1.0  # the dense warm-up
     assert [s["strategy"] for s in data["summary"]] == STRATEGY_NAMES
-    for key in ("table", "psnr_plot", "flicker_plot", "markdown"):
+    for key in ("table", "psnr_plot", "flicker_plot", "tradeoff_plot", "markdown"):
         assert result.files[key].is_file()
     page = md.read_text()
     assert "PASA" in page and "(../out/psnr_vs_density.png)" in page
@@ -154,3 +154,33 @@ def test_jaccard_meter_compares_consecutive_sparse_steps():
     meter(2, 0, 0, b)  # step 1 was dense
     meter(3, 0, 0, b)
     assert meter.values == [0.5, 1.0] and meter.mean == 0.75
+
+
+def test_tradeoff_plot_merges_results_files_and_names_a_bad_one(tmp_path):
+    """``python -m pasa.eval.report`` draws the runs of several results files; a strategy in
+    two files keeps the first file's runs; a file that is not suite results exits naming it."""
+    from pasa.eval.report import main as report_main
+    from pasa.eval.report import merged_runs
+
+    def run(strategy, density, psnr):
+        metrics = {"psnr": psnr, "flicker_excess": 0.01, "mean_density": density}
+        return {"strategy": strategy, "density": density, "caption": 0, "seed": 0,
+                "metrics": metrics}  # fmt: skip
+
+    first = tmp_path / "a.json"
+    second = tmp_path / "b.json"
+    first.write_text(json.dumps({"runs": [run("pasa", 0.1, 15.0), run("pasa", 0.25, 20.0)]}))
+    second.write_text(
+        json.dumps({"runs": [run("pasa", 0.1, 1.0), run("static_window", 0.1, 13.0)]})
+    )
+    runs = merged_runs([first, second])
+    assert [(r["strategy"], r["metrics"]["psnr"]) for r in runs] == [
+        ("pasa", 15.0), ("pasa", 20.0), ("static_window", 13.0)
+    ]  # fmt: skip
+    out = tmp_path / "tradeoff.png"
+    assert report_main([str(first), str(second), "--tradeoff", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(SystemExit, match=r"bad\.json: not a suite results file"):
+        report_main([str(bad), "--tradeoff", str(out)])

@@ -2,11 +2,18 @@
 
 - :func:`plot_density_curvature`: one generation's per-step density and curvature (the demo).
 - :func:`summarise`: suite rows -> means over captions x seeds per strategy x density.
-- :func:`markdown_table`, :func:`plot_against_density`, :func:`write_results_markdown`.
+- :func:`markdown_table`, :func:`plot_against_density`, :func:`plot_tradeoff`,
+  :func:`write_results_markdown`.
+
+``python -m pasa.eval.report RESULTS.json [...] --tradeoff OUT.png`` draws the PSNR / flicker
+trade-off of the runs of one or more suite results files (a strategy found in several keeps its
+first file's runs).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -151,6 +158,50 @@ def plot_against_density(
     return path
 
 
+_MARKERS = ("o", "s", "D", "^", "v", "P", "X", "*", "<", ">")
+
+
+def plot_tradeoff(
+    summary: Sequence[dict[str, Any]], path: str | Path, *, labels: dict[str, str]
+) -> Path:
+    """PSNR against flicker excess, one panel per target density, one point per strategy:
+    up is closer to dense, left flickers less (means over runs)."""
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    path = Path(path)
+    ran = [e for e in summary if "skipped" not in e and e.get("psnr") is not None]
+    densities = sorted({e["density"] for e in ran})
+    strategies = list(dict.fromkeys(e["strategy"] for e in ran))
+    fig, axes = plt.subplots(
+        1, max(1, len(densities)), figsize=(4.2 * max(1, len(densities)), 4.4), dpi=120,
+        squeeze=False,
+    )  # fmt: skip
+    for ax, density in zip(axes[0], densities, strict=False):
+        for e in (e for e in ran if e["density"] == density):
+            i = strategies.index(e["strategy"])
+            ax.plot(e["flicker_excess"], e["psnr"], _MARKERS[i % len(_MARKERS)],
+                    color=plt.get_cmap("tab20")(i % 20), ms=7,
+                    label=labels.get(e["strategy"], e["strategy"]))  # fmt: skip
+        ax.set_title(f"target density {density:.2f}")
+        ax.set_xlabel("flicker excess over dense")
+        ax.xaxis.set_major_locator(MaxNLocator(4))
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("PSNR against dense (dB)")
+    handles, names = [], []
+    for ax in axes[0]:
+        for h, n in zip(*ax.get_legend_handles_labels(), strict=True):
+            if n not in names:
+                handles.append(h)
+                names.append(n)
+    fig.tight_layout()
+    if handles:
+        fig.legend(handles, names, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 0.95))
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def write_results_markdown(
     path: str | Path,
     *,
@@ -192,3 +243,38 @@ def write_results_markdown(
         lines += [f"![{name}]({link})", ""]
     path.write_text("\n".join(lines))
     return path
+
+
+def merged_runs(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """The runs of several suite ``results.json`` files; a strategy found in more than one
+    keeps the runs of the first file that has it. Raises SystemExit naming a file that is not
+    suite results."""
+    runs: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for name in paths:
+        try:
+            file_runs = json.loads(Path(name).read_text())["runs"]
+            fresh = {r["strategy"] for r in file_runs} - seen
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SystemExit(f"{name}: not a suite results file ({exc!r})") from None
+        runs += [r for r in file_runs if r["strategy"] in fresh]
+        seen |= fresh
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Trade-off plot of the runs in one or more suite ``results.json`` files."""
+    from pasa.eval.strategies import STRATEGIES
+
+    ap = argparse.ArgumentParser(description="PSNR / flicker trade-off of suite results")
+    ap.add_argument("results", nargs="+", help="results.json files written by `pasa eval`")
+    ap.add_argument("--tradeoff", required=True, help="PNG to write")
+    args = ap.parse_args(argv)
+    labels = {name: s.label for name, s in STRATEGIES.items()}
+    path = plot_tradeoff(summarise(merged_runs(args.results)), args.tradeoff, labels=labels)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -12,8 +12,8 @@ a higher mean would compare it at a larger compute budget than the rest of its r
 
 Writes into ``out_dir``: ``results.json`` (settings, dense references, every run, the summary;
 rewritten after every caption x seed, so an interrupted run keeps what it finished),
-``results_table.md``, ``psnr_vs_density.png``, ``flicker_vs_density.png`` and the results page
-(``results_md``, default ``out_dir/results.md``).
+``results_table.md``, ``psnr_vs_density.png``, ``flicker_vs_density.png``, ``psnr_vs_flicker.png``
+and the results page (``results_md``, default ``out_dir/results.md``).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from pasa.eval.generate import (
 from pasa.eval.report import (
     markdown_table,
     plot_against_density,
+    plot_tradeoff,
     summarise,
     write_results_markdown,
 )
@@ -91,6 +92,7 @@ def _write(out: Path, results: dict[str, Any], labels: dict[str, str], md: Path,
         summary, "flicker_excess", out / "flicker_vs_density.png", labels=labels,
         ylabel="flicker excess over dense (VBench score)", title="Flicker against density",
     )  # fmt: skip
+    files["tradeoff_plot"] = plot_tradeoff(summary, out / "psnr_vs_flicker.png", labels=labels)
     dense = results["dense"]
     files["markdown"] = write_results_markdown(
         md,
@@ -98,7 +100,11 @@ def _write(out: Path, results: dict[str, Any], labels: dict[str, str], md: Path,
         labels=labels,
         settings=results["settings"],
         dense={k: _nan_mean([d[k] for d in dense]) for k in ("flicker", "warp_error", "seconds")},
-        plots={"PSNR against density": files["psnr_plot"], "flicker": files["flicker_plot"]},
+        plots={
+            "PSNR against density": files["psnr_plot"],
+            "flicker": files["flicker_plot"],
+            "PSNR against flicker": files["tradeoff_plot"],
+        },
         command=command,
     )
     return files, table
