@@ -4,45 +4,45 @@ Every sparse strategy is expressed through PASA's own estimate, routing, budget 
 only the selection rule differs between them (same kernel, same token tiling, same density
 accounting). The peers are *reimplemented for ablation*, not the authors' code:
 
-=====================  ========================================================================
-name                   rule
-=====================  ========================================================================
-dense                  stock attention
-meanpool_topk          SpargeAttn-style: one mean-pooled query/key per block, deterministic
-                       (tau = 0) top-k at a fixed budget every step
-static_window          STA / Radial-style static 3D local window: each query block keeps the
-                       key blocks nearest in (frame, row, column) tile distance, the window grown
-                       until it meets the density; the same plan at every step, layer and head
-static_window_time     the same with time distances counted half (the window's shape that PASA's
-                       local window uses by default: twice as far in time as in space)
-sparse_videogen        Sparse-VideoGen-style: first 20% of steps dense, then deterministic top-p
-                       (mean-pooled estimate) at the density that keeps the run's mean on target
-pasa                   the library's defaults: grouped estimate (g = 64), three quarters of each
-                       row's top-k count to the nearest blocks (local_share = 0.75, time
-                       distances counted half, the window's size steady across steps), the rest
-                       by the estimate with stochastic routing (tau = 0.25), and the curvature
-                       budget from a profile recorded by one calibration run on a caption
-                       outside the evaluation set
-pasa_isotropic_window  PASA with time and space distances counted alike (window_time_scale = 1)
-pasa_step_window       PASA with the window sized by each step's density (steady_window = False)
-pasa_window_floor      PASA whose budget never gives a step fewer blocks than its local window
-pasa_local90_fixed     nine tenths local and a fixed per-step budget
-pasa_local100          the local window alone (local_share = 1) under PASA's curvature budget
-                       (steady: on the budget's expensive steps the estimate routes the rest)
-pasa_window_budget     the window alone, sized from each step's density: a static window whose
-                       size follows the curvature budget (no estimate-routed blocks at all)
+========================  ========================================================================
+name                      rule
+========================  ========================================================================
+dense                     stock attention
+meanpool_topk             SpargeAttn-style: one mean-pooled query/key per block, deterministic
+                          (tau = 0) top-k at a fixed budget every step
+static_window             STA / Radial-style static 3D local window: each query block keeps the
+                          key blocks nearest in (frame, row, column) tile distance, the window grown
+                          until it meets the density; the same plan at every step, layer and head
+static_window_time        the same with time distances counted half (the window's shape that PASA's
+                          local window uses by default: twice as far in time as in space)
+sparse_videogen           Sparse-VideoGen-style: first 20% of steps dense, then deterministic top-p
+                          (mean-pooled estimate) at the density that keeps the run's mean on target
+pasa                      the library's defaults: grouped estimate (g = 64), three quarters of each
+                          row's top-k count to the nearest blocks (local_share = 0.75, time
+                          distances counted half, the window's size steady across steps), the rest
+                          by the estimate with stochastic routing (tau = 0.25), and the curvature
+                          budget from a profile recorded by one calibration run on a caption
+                          outside the evaluation set
+pasa_isotropic_window     PASA with time and space distances counted alike (window_time_scale = 1)
+pasa_step_window          PASA with the window sized by each step's density (steady_window = False)
+pasa_window_floor         PASA whose budget never gives a step fewer blocks than its local window
+pasa_local90_fixed        nine tenths local and a fixed per-step budget
+pasa_local100             the local window alone (local_share = 1) under PASA's curvature budget
+                          (steady: on the budget's expensive steps the estimate routes the rest)
+pasa_window_budget        the window alone, sized from each step's density: a static window whose
+                          size follows the curvature budget (no estimate-routed blocks at all)
 pasa_local90_step_window  nine tenths local, the window sized from each step's density
-pasa_local100_tau0     pasa_local100 with deterministic routing of the expensive steps' rest
-pasa_no_local          PASA with the whole count routed by the estimate (local_share = 0)
-pasa_local50           PASA with half of each row's count to the nearest blocks
-pasa_local90           PASA with nine tenths of each row's count to the nearest blocks
-pasa_g32               PASA with the grouped estimate at g = 32 (4 x 4 group pairs per block pair)
-pasa_no_grouped        PASA with one group per block (mean-pooled estimate)
-pasa_no_stochastic     PASA with deterministic routing (tau = 0)
-pasa_no_curvature      PASA with a fixed per-step budget
-pasa_approximate       PASA plus the approximate branch for unselected blocks
-pasa_top_p             PASA with top-p rows (one coverage p per call) instead of top-k
-=====================  ========================================================================
+pasa_local100_tau0        pasa_local100 with deterministic routing of the expensive steps' rest
+pasa_no_local             PASA with the whole count routed by the estimate (local_share = 0)
+pasa_local50              PASA with half of each row's count to the nearest blocks
+pasa_local90              PASA with nine tenths of each row's count to the nearest blocks
+pasa_g32                  PASA with the grouped estimate at g = 32 (4 x 4 group pairs a block pair)
+pasa_no_grouped           PASA with one group per block (mean-pooled estimate)
+pasa_no_stochastic        PASA with deterministic routing (tau = 0)
+pasa_no_curvature         PASA with a fixed per-step budget
+pasa_approximate          PASA plus the approximate branch for unselected blocks
+pasa_top_p                PASA with top-p rows (one coverage p per call) instead of top-k
+========================  ========================================================================
 """
 
 from __future__ import annotations
