@@ -116,3 +116,19 @@ def test_probe_captures_what_attention_sees():
         .flatten(2)
     )
     torch.testing.assert_close(attn.to_out[0](out), seen["out"], rtol=1e-4, atol=1e-5)
+
+
+def test_recall_report_per_layer_and_per_time_average_the_same_recalls():
+    from pasa.eval.probe import attention_recall_report
+    from pasa.testbed.model import TINY, build_model
+
+    torch.manual_seed(0)
+    model = build_model(TINY).eval()
+    report = attention_recall_report(
+        model, TINY, densities=(0.5,), times=(0.3, 0.7), num_clips=1, block_size=64
+    )
+    per_layer, per_time = report["per_layer"]["0.5"], report["per_time"]["0.5"]
+    assert len(per_layer) == TINY.num_layers and set(per_time) == {"0.3", "0.7"}
+    assert all(0.0 < r <= 1.0 for r in [*per_layer, *per_time.values()])
+    mean_by_time = sum(per_time.values()) / len(per_time)
+    assert abs(mean_by_time - report["mean"]["0.5"]) < 1e-3

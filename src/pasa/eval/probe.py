@@ -80,7 +80,9 @@ def attention_recall_report(
 
     Returns:
         ``{"densities": [...], "per_layer": {"0.1": [layer0, ...]}, "mean": {"0.1": x},
-        "grid": (F, H, W), "times": [...]}``, recall averaged over heads, rows, clips and times.
+        "per_time": {"0.1": {"0.25": x, ...}}, "grid": (F, H, W), "times": [...]}``: recall
+        averaged over heads, rows and clips, and over times (``per_layer``) or layers
+        (``per_time``).
     """
     from pasa.testbed.data import make_batch
     from pasa.testbed.flow import NUM_TRAIN_TIMESTEPS, noisy_input
@@ -102,6 +104,7 @@ def attention_recall_report(
     layout = make_layout(grid, block_size=block_size, device=device)
     gen = torch.Generator().manual_seed(data_seed)
     sums = {d: [0.0] * config.num_layers for d in densities}
+    by_time = {d: {} for d in densities}  # density -> {t: mean over layers}
     for t in times:
         noise = torch.randn(latents.shape, generator=gen).to(device)
         tt = torch.full((num_clips,), float(t), device=device)
@@ -111,7 +114,9 @@ def attention_recall_report(
         for i, (q, k) in enumerate(layers):
             mass = true_block_mass(q.float(), k.float(), layout)
             for d in densities:
-                sums[d][i] += oracle_recall(mass, d) / len(times)
+                recall = oracle_recall(mass, d)
+                sums[d][i] += recall / len(times)
+                by_time[d][t] = by_time[d].get(t, 0.0) + recall / len(layers)
     per_layer = {str(d): [round(v, 4) for v in sums[d]] for d in densities}
     return {
         "grid": grid,
@@ -120,6 +125,9 @@ def attention_recall_report(
         "densities": list(densities),
         "per_layer": per_layer,
         "mean": {str(d): round(sum(sums[d]) / len(sums[d]), 4) for d in densities},
+        "per_time": {
+            str(d): {str(t): round(v, 4) for t, v in by_time[d].items()} for d in densities
+        },
     }
 
 
@@ -134,13 +142,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint")
     parser.add_argument("--json", help="also write the report here")
     parser.add_argument("--clips", type=int, default=2)
+    parser.add_argument("--times", type=float, nargs="+", default=[0.25, 0.5, 0.75],
+                        help="noise levels t in (0, 1) (default 0.25 0.5 0.75)")  # fmt: skip
     args = parser.parse_args(argv)
+    if not all(0.0 < t < 1.0 for t in args.times):
+        parser.error(f"--times must lie in (0, 1), got {args.times}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, config, record = load_testbed(args.checkpoint, device=device)
-    report = attention_recall_report(model, config, num_clips=args.clips)
+    report = attention_recall_report(model, config, num_clips=args.clips, times=args.times)
     report["training"] = record["training"]
     for d, values in report["per_layer"].items():
-        print(f"recall at density {d}: mean {report['mean'][d]:.3f}, per layer {values}")
+        print(f"recall at density {d}: mean {report['mean'][d]:.3f}, per layer {values}, "
+              f"per noise level t {report['per_time'][d]}")  # fmt: skip
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(report, handle, indent=2)
