@@ -132,3 +132,7 @@ def test_recall_report_per_layer_and_per_time_average_the_same_recalls():
     assert all(0.0 < r <= 1.0 for r in [*per_layer, *per_time.values()])
     mean_by_time = sum(per_time.values()) / len(per_time)
     assert abs(mean_by_time - report["mean"]["0.5"]) < 1e-3
+    per_head = report["per_head"]["0.5"]
+    assert len(per_head) == TINY.num_layers and len(per_head[0]) == TINY.num_heads
+    for layer, heads in zip(per_layer, per_head, strict=True):
+        assert abs(sum(heads) / len(heads) - layer) < 1e-3

@@ -80,9 +80,10 @@ def attention_recall_report(
 
     Returns:
         ``{"densities": [...], "per_layer": {"0.1": [layer0, ...]}, "mean": {"0.1": x},
-        "per_time": {"0.1": {"0.25": x, ...}}, "grid": (F, H, W), "times": [...]}``: recall
-        averaged over heads, rows and clips, and over times (``per_layer``) or layers
-        (``per_time``).
+        "per_time": {"0.1": {"0.25": x, ...}}, "per_head": {"0.1": [[layer0 head0, ...], ...]},
+        "grid": (F, H, W), "times": [...]}``: recall averaged over rows and clips, and over
+        heads and times (``per_layer``), heads and layers (``per_time``) or times
+        (``per_head``).
     """
     from pasa.testbed.data import make_batch
     from pasa.testbed.flow import NUM_TRAIN_TIMESTEPS, noisy_input
@@ -105,6 +106,7 @@ def attention_recall_report(
     gen = torch.Generator().manual_seed(data_seed)
     sums = {d: [0.0] * config.num_layers for d in densities}
     by_time = {d: {} for d in densities}  # density -> {t: mean over layers}
+    by_head = {d: [[0.0] * config.num_heads for _ in range(config.num_layers)] for d in densities}
     for t in times:
         noise = torch.randn(latents.shape, generator=gen).to(device)
         tt = torch.full((num_clips,), float(t), device=device)
@@ -116,6 +118,8 @@ def attention_recall_report(
             for d in densities:
                 recall = oracle_recall(mass, d)
                 sums[d][i] += recall / len(times)
+                for h in range(mass.shape[1]):
+                    by_head[d][i][h] += oracle_recall(mass[:, h : h + 1], d) / len(times)
                 by_time[d][t] = by_time[d].get(t, 0.0) + recall / len(layers)
     per_layer = {str(d): [round(v, 4) for v in sums[d]] for d in densities}
     return {
@@ -128,6 +132,7 @@ def attention_recall_report(
         "per_time": {
             str(d): {str(t): round(v, 4) for t, v in by_time[d].items()} for d in densities
         },
+        "per_head": {str(d): [[round(v, 4) for v in row] for row in by_head[d]] for d in densities},
     }
 
 
@@ -153,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     report["training"] = record["training"]
     for d, values in report["per_layer"].items():
         print(f"recall at density {d}: mean {report['mean'][d]:.3f}, per layer {values}, "
-              f"per noise level t {report['per_time'][d]}")  # fmt: skip
+              f"per noise level t {report['per_time'][d]}, per layer and head "
+              f"{report['per_head'][d]}")  # fmt: skip
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(report, handle, indent=2)
