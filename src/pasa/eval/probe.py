@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
 
+    from pasa.provenance import git_commit
     from pasa.testbed.model import load_testbed
 
     parser = argparse.ArgumentParser(prog="python -m pasa.eval.probe", description=main.__doc__)
@@ -156,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     model, config, record = load_testbed(args.checkpoint, device=device)
     report = attention_recall_report(model, config, num_clips=args.clips, times=args.times)
     report["training"] = record["training"]
+    report["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    report["commit"] = git_commit()
     for d, values in report["per_layer"].items():
         print(f"recall at density {d}: mean {report['mean'][d]:.3f}, per layer {values}, "
               f"per noise level t {report['per_time'][d]}, per layer and head "
