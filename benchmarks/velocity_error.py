@@ -1,0 +1,95 @@
+"""How far is the model's whole prediction from dense, when every layer attends sparsely?
+
+`attention_error_by_layer.py` compares one attention call at a time, each on dense inputs. Here
+the errors compound through the layers as in generation: one forward of the testbed model on a
+noised held-out clip at each noise level ``t``, dense and with each configuration applied to
+every layer (fixed budget), and the relative error of the predicted velocity against dense.
+
+    PYTHONPATH=src python benchmarks/velocity_error.py --out benchmarks/results/velocity-error-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _diffusers_common import testbed_header, write_json
+
+import pasa
+from pasa.eval.generate import EVAL_DATA_SEED, load_model, resolve_device
+from pasa.testbed.data import make_batch
+from pasa.testbed.flow import NUM_TRAIN_TIMESTEPS, noisy_input
+from pasa.testbed.model import DEFAULT_CHECKPOINT, pixels_to_latents
+
+
+def variants(density: float) -> dict[str, pasa.PASAConfig]:
+    base = pasa.PASAConfig(density=density, budget="fixed")
+    return {
+        "pasa": base,
+        "pasa_approximate": base.replace(approximate=True),
+        "pasa_approx_flat": base.replace(approximate=True, approximate_flat_ratio=2.0),
+        "window": base.replace(local_share=1.0, temperature=0.0),
+    }
+
+
+@torch.no_grad()
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    ap.add_argument("--density", type=float, default=0.1)
+    ap.add_argument("--times", type=float, nargs="+", default=[0.9, 0.5, 0.2])
+    ap.add_argument("--clip", type=int, default=0, help="index of the held-out clip")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--out", default=None, help="JSON report")
+    args = ap.parse_args(argv)
+    device = resolve_device(args.device)
+    model, config, _ = load_model(args.checkpoint, device)
+    pixels, captions = make_batch(
+        [args.clip], data_seed=EVAL_DATA_SEED, frames=config.frames, height=config.height,
+        width=config.width, device=device,
+    )  # fmt: skip
+    latents = pixels_to_latents(pixels, config.pixel_factor)
+    text, _ = config.text_encoder()(captions, device=device)
+    dtype = next(model.parameters()).dtype
+    gen = torch.Generator().manual_seed(args.clip)
+    start = time.monotonic()
+    rows = []
+    for t in args.times:
+        noise = torch.randn(latents.shape, generator=gen).to(device)
+        tt = torch.full((1,), float(t), device=device)
+        x_t, _ = noisy_input(latents, noise, tt)
+        call = dict(
+            hidden_states=x_t.to(dtype), timestep=tt * NUM_TRAIN_TIMESTEPS,
+            encoder_hidden_states=text.to(dtype), return_dict=False,
+        )  # fmt: skip
+        dense = model(**call)[0].float()
+        row = {"t": t}
+        for name, cfg in variants(args.density).items():
+            pasa.apply(model, cfg)
+            try:
+                out = model(**call)[0].float()
+            finally:
+                pasa.remove(model)
+            row[name] = round(float((out - dense).norm() / dense.norm()), 4)
+        rows.append(row)
+        print(f"t = {t}: velocity error against dense " + ", ".join(
+            f"{k} {v:.3f}" for k, v in row.items() if k != "t"), flush=True)  # fmt: skip
+    report = {
+        **testbed_header("velocity_error", args, device),
+        "caption": captions[0],
+        "rows": rows,
+        "seconds": round(time.monotonic() - start, 1),
+    }
+    if args.out:
+        write_json(report, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
