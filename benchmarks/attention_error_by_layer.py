@@ -70,9 +70,6 @@ def main(argv: list[str] | None = None) -> int:
     variants = {
         "pasa": dict(config=pasa_config),
         "pasa_approximate": dict(config=pasa_config.replace(approximate=True)),
-        "pasa_approx_flat": dict(
-            config=pasa_config.replace(approximate=True, approximate_flat_ratio=2.0)
-        ),
         "static_window_time": dict(config=pasa_config, plan_fn=get_strategy("static_window_time").plan_fn),
     }  # fmt: skip
     original = processors.sparse_attention

@@ -329,10 +329,7 @@ def sparse_attention(
         )
     out, lse = backend.fn(qt, kt, vt, plan)
     if config.approximate:
-        out, lse = add_approximate_branch(
-            qt, kt, vt, plan, out, lse, group_size=config.group_size,
-            flat_ratio=config.approximate_flat_ratio,
-        )  # fmt: skip
+        out, lse = add_approximate_branch(qt, kt, vt, plan, out, lse, group_size=config.group_size)
     out = out.to(q.dtype)
     if not tiled:
         out = fast.from_tiled(out, layout) if fast is not None else layout.from_blocks(out)

@@ -66,11 +66,6 @@ class PASAConfig:
         min_step_density: floor on one step's density when the budget varies it by step.
         profile_path: JSON profile for ``budget="profile"``.
         approximate: cover unselected blocks with group-mean keys and values (ablation).
-        approximate_flat_ratio: with ``approximate``, > 0 covers them only in the heads (per batch
-            item and call) whose plan keeps less than this many times the plan's density of the
-            attention mass (the plan's exact mass against the group means' estimate of the rest): heads that attend almost uniformly,
-            where no sparse plan keeps much mass and the group means are close to exact. 0 covers
-            every head.
         backend: ``"auto"``, ``"reference"``, ``"flex"`` or ``"fa4"``.
         check_finite: reject NaN / Inf inputs (judged from the estimate's group means for q and k
             and one min / max of v; one host sync per call, per model call under ``pasa.apply``).
@@ -93,7 +88,6 @@ class PASAConfig:
     min_step_density: float = 0.05
     profile_path: str | None = field(default=None, compare=False)
     approximate: bool = False
-    approximate_flat_ratio: float = 0.0
     backend: str = "auto"
     check_finite: bool = True
 
@@ -157,12 +151,6 @@ class PASAConfig:
             )
         if self.budget == "profile" and not self.profile_path:
             _fail("profile_path", self.profile_path, 'a JSON file path when budget="profile"')
-        if not (
-            isinstance(self.approximate_flat_ratio, (int, float))
-            and math.isfinite(self.approximate_flat_ratio)
-            and self.approximate_flat_ratio >= 0
-        ):
-            _fail("approximate_flat_ratio", self.approximate_flat_ratio, "a finite number >= 0")
         if self.backend not in BACKENDS:
             _fail("backend", self.backend, f"one of {BACKENDS}")
 

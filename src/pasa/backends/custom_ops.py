@@ -35,7 +35,6 @@ def sparse_attention_op(
     local_share: float,
     steady_window: bool,
     window_time_scale: float,
-    approximate_flat_ratio: float,
     step: int,
     layer: int,
     density: float,
@@ -55,7 +54,7 @@ def sparse_attention_op(
     config = config_from_args(
         [density_cfg, block_size, group_size, tile, temperature, selection, min_blocks,
          max_blocks, seed, approximate, backend, check_finite, local_share, steady_window,
-         window_time_scale, approximate_flat_ratio]
+         window_time_scale]
     )  # fmt: skip
     plan = None
     if kv_indices is not None and kv_counts is not None:
@@ -89,7 +88,7 @@ def _(q, k, v, grid, num_text_tokens, *args):
 OP_FIELDS = (
     "density", "block_size", "group_size", "tile", "temperature", "selection", "min_blocks",
     "max_blocks", "seed", "approximate", "backend", "check_finite", "local_share", "steady_window",
-    "window_time_scale", "approximate_flat_ratio",
+    "window_time_scale",
 )  # fmt: skip
 
 
@@ -102,7 +101,6 @@ def config_args(config: PASAConfig) -> list:
         "temperature": float,
         "local_share": float,
         "window_time_scale": float,
-        "approximate_flat_ratio": float,
         "tile": lambda tile: [] if tile == "auto" else list(tile),
         "max_blocks": lambda blocks: -1 if blocks is None else blocks,
     }

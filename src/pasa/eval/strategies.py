@@ -41,8 +41,6 @@ pasa_no_grouped           PASA with one group per block (mean-pooled estimate)
 pasa_no_stochastic        PASA with deterministic routing (tau = 0)
 pasa_no_curvature         PASA with a fixed per-step budget
 pasa_approximate          PASA plus the approximate branch for unselected blocks
-pasa_approx_flat          PASA with the approximate branch only in heads whose plan keeps less
-                          than twice its density of the attention mass (near-uniform heads)
 pasa_top_p                PASA with top-p rows (one coverage p per call) instead of top-k
 ========================  ========================================================================
 """
@@ -207,9 +205,6 @@ STRATEGIES: dict[str, Strategy] = {
         Strategy("pasa_no_curvature", "PASA without curvature budget (fixed per step)", _pasa()),
         Strategy("pasa_approximate", "PASA with approximate branch", _pasa(approximate=True),
                  calibrated=True),
-        Strategy("pasa_approx_flat",
-                 "PASA with the approximate branch on near-uniform heads only (flat ratio 2)",
-                 _pasa(approximate=True, approximate_flat_ratio=2.0), calibrated=True),
         Strategy("pasa_top_p", "PASA with top-p rows", _pasa(selection="top_p"), calibrated=True),
     )
 }  # fmt: skip
