@@ -33,7 +33,6 @@ def variants(density: float) -> dict[str, pasa.PASAConfig]:
     return {
         "pasa": base,
         "pasa_approximate": base.replace(approximate=True),
-        "pasa_approx_flat": base.replace(approximate=True, approximate_flat_ratio=2.0),
         "window": base.replace(local_share=1.0, temperature=0.0),
     }
 

@@ -81,7 +81,7 @@ def test_compiled_op_carries_every_field_a_call_reads():
     config = pasa.PASAConfig(
         density=0.3, block_size=64, group_size=32, tile=(2, 4, 8), temperature=0.5,
         selection="top_p", local_share=0.4, steady_window=False, min_blocks=2, max_blocks=9,
-        seed=3, approximate=True, backend="reference", check_finite=False,
+        seed=3, approximate=True, backend="reference", check_finite=False, window_time_scale=0.7,
     )  # fmt: skip
     back = config_from_args(config_args(config))
     budget_fields = {"budget", "dense_quantile", "min_step_density", "profile_path"}
