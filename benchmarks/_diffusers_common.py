@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import time
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,19 @@ def testbed_header(benchmark: str, args: Any, device: torch.device) -> dict[str,
         "commit": git_commit(),
         "settings": {k: v for k, v in vars(args).items() if k not in ("checkpoint", "out")},
     }
+
+
+def save_testbed_report(
+    benchmark: str, args: Any, device: torch.device, start: float | None = None, **fields: Any
+) -> dict[str, Any]:
+    """:func:`testbed_header`, then ``fields``, then the seconds since ``start``
+    (``time.monotonic()``) when given; written to ``args.out`` when that is set."""
+    report = {**testbed_header(benchmark, args, device), **fields}
+    if start is not None:
+        report["seconds"] = round(time.monotonic() - start, 1)
+    if args.out:
+        write_json(report, args.out)
+    return report
 
 
 def write_json(data: dict[str, Any], path: str | Path) -> Path:

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _diffusers_common import testbed_header, write_json
+from _diffusers_common import save_testbed_report
 
 import pasa
 from pasa.attention import layout_for
@@ -113,14 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:20s} " + "  ".join(
             f"L{i} {s['rel_err']:.2f}/{s['contrast_ratio']:.2f}" for i, s in enumerate(summary[name])
         ), "(rel err / contrast ratio)", flush=True)  # fmt: skip
-    report = {
-        **testbed_header("attention_error_by_layer", args, device),
-        "per_layer_mean": summary,
-        "rows": rows,
-        "seconds": round(time.monotonic() - start, 1),
-    }
-    if args.out:
-        write_json(report, args.out)
+    save_testbed_report(
+        "attention_error_by_layer", args, device, start, per_layer_mean=summary, rows=rows
+    )
     return 0
 
 

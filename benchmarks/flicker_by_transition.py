@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _diffusers_common import testbed_header, write_json
+from _diffusers_common import save_testbed_report
 
 from pasa.eval.generate import (
     calibrate_profile,
@@ -153,17 +153,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"(dense {dense_texture['spatial_detail']:.2f}), coarse frame difference "
                   f"{rows[name]['coarse_frame_difference']:.2f} "
                   f"(dense {dense_texture['coarse_frame_difference']:.2f})", flush=True)  # fmt: skip
-    report = {
-        **testbed_header("flicker_by_transition", args, device),
-        "grid": grid,
-        "tile_frames": tile_frames,
-        "dense_per_transition": [round(float(x), 3) for x in ref],
-        "dense": dense_texture,
-        "strategies": rows,
-        "seconds": round(time.monotonic() - start, 1),
-    }
-    if args.out:
-        write_json(report, args.out)
+    save_testbed_report(
+        "flicker_by_transition", args, device, start, caption=caption, grid=grid,
+        tile_frames=tile_frames, dense_per_transition=[round(float(x), 3) for x in ref],
+        dense=dense_texture, strategies=rows,
+    )  # fmt: skip
     return 0
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _diffusers_common import testbed_header, write_json
+from _diffusers_common import save_testbed_report
 
 from pasa.config import PASAConfig
 from pasa.eval import metrics
@@ -82,13 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"Jaccard {row['plan_jaccard']:.3f}  density {row['mean_density']:.3f}",
                 flush=True,
             )
-    result = {
-        **testbed_header("testbed_tau_sweep", args, device),
-        "caption": caption,
-        "rows": rows,
-    }
-    if args.out:
-        write_json(result, args.out)
+    save_testbed_report("testbed_tau_sweep", args, device, caption=caption, rows=rows)
     return 0
 
 

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _diffusers_common import testbed_header, write_json
+from _diffusers_common import save_testbed_report
 
 import pasa
 from pasa.eval.generate import EVAL_DATA_SEED, load_model, resolve_device
@@ -79,14 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(f"t = {t}: velocity error against dense " + ", ".join(
             f"{k} {v:.3f}" for k, v in row.items() if k != "t"), flush=True)  # fmt: skip
-    report = {
-        **testbed_header("velocity_error", args, device),
-        "caption": captions[0],
-        "rows": rows,
-        "seconds": round(time.monotonic() - start, 1),
-    }
-    if args.out:
-        write_json(report, args.out)
+    save_testbed_report("velocity_error", args, device, start, caption=captions[0], rows=rows)
     return 0
 
 
