@@ -4,6 +4,8 @@
 the errors compound through the layers as in generation: one forward of the testbed model on a
 noised held-out clip at each noise level ``t``, dense and with each configuration applied to
 every layer (fixed budget), and the relative error of the predicted velocity against dense.
+``--one-layer`` instead makes one layer at a time sparse (the others dense), to find the layers
+whose approximation the rest of the model amplifies.
 
     PYTHONPATH=src python benchmarks/velocity_error.py --out benchmarks/results/velocity-error-cpu.json
 """
@@ -11,8 +13,10 @@ every layer (fixed budget), and the relative error of the predicted velocity aga
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -23,6 +27,7 @@ from _diffusers_common import save_testbed_report
 
 import pasa
 from pasa.eval.generate import EVAL_DATA_SEED, load_model, resolve_device
+from pasa.integrations.diffusers import processors
 from pasa.testbed.data import make_batch
 from pasa.testbed.flow import NUM_TRAIN_TIMESTEPS, noisy_input
 from pasa.testbed.model import DEFAULT_CHECKPOINT, pixels_to_latents
@@ -37,6 +42,27 @@ def variants(density: float) -> dict[str, pasa.PASAConfig]:
     }
 
 
+@contextlib.contextmanager
+def only_layer(layer: int | None) -> Iterator[None]:
+    """Inside the block, PASA's processors attend densely in every layer but ``layer`` (None:
+    no change)."""
+    if layer is None:
+        yield
+        return
+    original = processors.sparse_attention
+
+    def attend(q, k, v, *, layer: int, density=None, **kw):
+        keep = density if layer == only else 1.0
+        return original(q, k, v, layer=layer, density=keep, **kw)
+
+    only = layer
+    processors.sparse_attention = attend
+    try:
+        yield
+    finally:
+        processors.sparse_attention = original
+
+
 @torch.no_grad()
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -44,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--density", type=float, default=0.1)
     ap.add_argument("--times", type=float, nargs="+", default=[0.9, 0.5, 0.2])
     ap.add_argument("--clip", type=int, default=0, help="index of the held-out clip")
+    ap.add_argument(
+        "--variants", nargs="+", choices=list(variants(0.1)), default=list(variants(0.1))
+    )
+    ap.add_argument("--one-layer", action="store_true",
+                    help="one sparse layer at a time, the others dense")  # fmt: skip
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", default=None, help="JSON report")
     args = ap.parse_args(argv)
@@ -68,17 +99,23 @@ def main(argv: list[str] | None = None) -> int:
             encoder_hidden_states=text.to(dtype), return_dict=False,
         )  # fmt: skip
         dense = model(**call)[0].float()
-        row = {"t": t}
-        for name, cfg in variants(args.density).items():
-            pasa.apply(model, cfg)
-            try:
-                out = model(**call)[0].float()
-            finally:
-                pasa.remove(model)
-            row[name] = round(float((out - dense).norm() / dense.norm()), 4)
-        rows.append(row)
-        print(f"t = {t}: velocity error against dense " + ", ".join(
-            f"{k} {v:.3f}" for k, v in row.items() if k != "t"), flush=True)  # fmt: skip
+        for layer in range(config.num_layers) if args.one_layer else [None]:
+            row: dict = {"t": t} if layer is None else {"t": t, "sparse_layer": layer}
+            for name, cfg in variants(args.density).items():
+                if name not in args.variants:
+                    continue
+                pasa.apply(model, cfg)
+                try:
+                    with only_layer(layer):
+                        out = model(**call)[0].float()
+                finally:
+                    pasa.remove(model)
+                row[name] = round(float((out - dense).norm() / dense.norm()), 4)
+            rows.append(row)
+            where = "" if layer is None else f", layer {layer} alone sparse"
+            print(f"t = {t}{where}: velocity error against dense " + ", ".join(
+                f"{k} {v:.4f}" for k, v in row.items() if k not in ("t", "sparse_layer")),
+                flush=True)  # fmt: skip
     save_testbed_report("velocity_error", args, device, start, caption=captions[0], rows=rows)
     return 0
 
