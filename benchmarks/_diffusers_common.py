@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +90,21 @@ def environment() -> dict[str, Any]:
     else:
         env["gpu"] = None
     return env
+
+
+@contextlib.contextmanager
+def sparse_attention_replaced(make: Callable[[Callable], Callable]) -> Iterator[None]:
+    """Inside the block, PASA's diffusers processors call ``make(original)`` instead of
+    ``pasa.sparse_attention`` (``original``), for benchmarks that compute more per call or
+    change its density; the original is restored on the way out."""
+    from pasa.integrations.diffusers import processors
+
+    original = processors.sparse_attention
+    processors.sparse_attention = make(original)
+    try:
+        yield
+    finally:
+        processors.sparse_attention = original
 
 
 def testbed_header(benchmark: str, args: Any, device: torch.device) -> dict[str, Any]:

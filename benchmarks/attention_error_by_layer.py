@@ -22,19 +22,19 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _diffusers_common import save_testbed_report
+from _diffusers_common import save_testbed_report, sparse_attention_replaced
 
 import pasa
 from pasa.attention import layout_for
 from pasa.eval.generate import eval_captions, load_model, resolve_device
 from pasa.eval.strategies import get_strategy
-from pasa.integrations.diffusers import processors
 from pasa.testbed.model import DEFAULT_CHECKPOINT
 from pasa.testbed.sample import sample
 
@@ -72,11 +72,13 @@ def main(argv: list[str] | None = None) -> int:
         "pasa_approximate": dict(config=pasa_config.replace(approximate=True)),
         "static_window_time": dict(config=pasa_config, plan_fn=get_strategy("static_window_time").plan_fn),
     }  # fmt: skip
-    original = processors.sparse_attention
     rows: list[dict] = []
     current = {"caption": 0}  # the caption being sampled, for the rows
 
-    def attend(q, k, v, *, config, step, layer, density=None, plan=None, return_plan=False, **kw):
+    def attend(
+        original, q, k, v, *, config, step, layer, density=None, plan=None, return_plan=False,
+        **kw,
+    ):  # fmt: skip
         dense, dense_plan = original(
             q, k, v, config=config, step=step, layer=layer, density=1.0, return_plan=True, **kw
         )
@@ -94,16 +96,16 @@ def main(argv: list[str] | None = None) -> int:
         return (dense, dense_plan) if return_plan else dense
 
     start = time.monotonic()
-    processors.sparse_attention = attend
-    try:
+    with sparse_attention_replaced(lambda original: partial(attend, original)):
         # Any density below 1 routes every video self-attention call through the processor.
         pasa.apply(model, pasa.PASAConfig(density=0.5))
-        for index, caption in enumerate(eval_captions(args.captions)):
-            current["caption"] = index
-            sample(model, config, caption, seed=0, num_steps=args.steps, height=size, width=size)
-    finally:
-        processors.sparse_attention = original
-        pasa.remove(model)
+        try:
+            for index, caption in enumerate(eval_captions(args.captions)):
+                current["caption"] = index
+                sample(model, config, caption, seed=0, num_steps=args.steps, height=size,
+                       width=size)  # fmt: skip
+        finally:
+            pasa.remove(model)
     summary = {}
     for name in variants:
         for layer in sorted({r["layer"] for r in rows}):

@@ -16,18 +16,16 @@ import argparse
 import contextlib
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _diffusers_common import save_testbed_report
+from _diffusers_common import save_testbed_report, sparse_attention_replaced
 
 import pasa
 from pasa.eval.generate import EVAL_DATA_SEED, load_model, resolve_device
-from pasa.integrations.diffusers import processors
 from pasa.testbed.data import make_batch
 from pasa.testbed.flow import NUM_TRAIN_TIMESTEPS, noisy_input
 from pasa.testbed.model import DEFAULT_CHECKPOINT, pixels_to_latents
@@ -42,25 +40,20 @@ def variants(density: float) -> dict[str, pasa.PASAConfig]:
     }
 
 
-@contextlib.contextmanager
-def only_layer(layer: int | None) -> Iterator[None]:
-    """Inside the block, PASA's processors attend densely in every layer but ``layer`` (None:
+def only_layer(layer: int | None):
+    """A context in which PASA's processors attend densely in every layer but ``layer`` (None:
     no change)."""
     if layer is None:
-        yield
-        return
-    original = processors.sparse_attention
+        return contextlib.nullcontext()
+    only = layer  # the processors pass their own layer index as ``layer``
 
-    def attend(q, k, v, *, layer: int, density=None, **kw):
-        keep = density if layer == only else 1.0
-        return original(q, k, v, layer=layer, density=keep, **kw)
+    def make(original):
+        def attend(q, k, v, *, layer: int, density=None, **kw):
+            return original(q, k, v, layer=layer, density=density if layer == only else 1.0, **kw)
 
-    only = layer
-    processors.sparse_attention = attend
-    try:
-        yield
-    finally:
-        processors.sparse_attention = original
+        return attend
+
+    return sparse_attention_replaced(make)
 
 
 @torch.no_grad()
@@ -70,9 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--density", type=float, default=0.1)
     ap.add_argument("--times", type=float, nargs="+", default=[0.9, 0.5, 0.2])
     ap.add_argument("--clip", type=int, default=0, help="index of the held-out clip")
-    ap.add_argument(
-        "--variants", nargs="+", choices=list(variants(0.1)), default=list(variants(0.1))
-    )
+    names = list(variants(0.1))
+    ap.add_argument("--variants", nargs="+", choices=names, default=names)
     ap.add_argument("--one-layer", action="store_true",
                     help="one sparse layer at a time, the others dense")  # fmt: skip
     ap.add_argument("--device", default=None)
@@ -89,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = next(model.parameters()).dtype
     gen = torch.Generator().manual_seed(args.clip)
     start = time.monotonic()
+    configs = {n: c for n, c in variants(args.density).items() if n in args.variants}
     rows = []
     for t in args.times:
         noise = torch.randn(latents.shape, generator=gen).to(device)
@@ -101,9 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         dense = model(**call)[0].float()
         for layer in range(config.num_layers) if args.one_layer else [None]:
             row: dict = {"t": t} if layer is None else {"t": t, "sparse_layer": layer}
-            for name, cfg in variants(args.density).items():
-                if name not in args.variants:
-                    continue
+            for name, cfg in configs.items():
                 pasa.apply(model, cfg)
                 try:
                     with only_layer(layer):

@@ -116,10 +116,12 @@ def attention_recall_report(
         for i, (q, k) in enumerate(layers):
             mass = true_block_mass(q.float(), k.float(), layout)
             for d in densities:
-                recall = oracle_recall(mass, d)
+                # Every head has as many rows, so the layer's recall is its heads' mean.
+                heads = [oracle_recall(mass[:, h : h + 1], d) for h in range(mass.shape[1])]
+                recall = sum(heads) / len(heads)
                 sums[d][i] += recall / len(times)
-                for h in range(mass.shape[1]):
-                    by_head[d][i][h] += oracle_recall(mass[:, h : h + 1], d) / len(times)
+                for h, head_recall in enumerate(heads):
+                    by_head[d][i][h] += head_recall / len(times)
                 by_time[d][t] = by_time[d].get(t, 0.0) + recall / len(layers)
     per_layer = {str(d): [round(v, 4) for v in sums[d]] for d in densities}
     return {
