@@ -36,6 +36,7 @@ def variants(density: float) -> dict[str, pasa.PASAConfig]:
     return {
         "pasa": base,
         "pasa_approximate": base.replace(approximate=True),
+        "pasa_taylor": base.replace(approximate="taylor"),
         "window": base.replace(local_share=1.0, temperature=0.0),
     }
 

@@ -43,6 +43,9 @@ def test_ablations_differ_from_pasa_in_one_field():
         "pasa_no_stochastic": {"temperature": 0.0},
         "pasa_no_curvature": {"budget": "fixed"},
         "pasa_approximate": {"approximate": True},
+        "pasa_taylor": {"approximate": "taylor"},
+        "pasa_taylor_fixed": {"approximate": "taylor", "budget": "fixed"},
+        "pasa_taylor_no_local": {"approximate": "taylor", "local_share": 0.0},
     }
     for name, fields in changed.items():
         assert STRATEGIES[name].config(0.15) == base.replace(**fields)

@@ -1,9 +1,13 @@
-"""Approximate branch (DESIGN.md section 4): unselected blocks seen through group means.
+"""Approximate branch (DESIGN.md section 4): attention over the unselected blocks, estimated.
 
-For each query, every key group of an *unselected* block contributes one pooled key ``k̄_b`` with
-logit ``q·k̄_b * scale + log n_b`` (it stands for its ``n_b`` tokens) and pooled value ``v̄_b``.
-This coarse attention is merged with the exact block-sparse result through the log-sum-exp rule,
-so no query is ever left without the context it did not compute exactly.
+Two estimators, each merged with the exact block-sparse result through the log-sum-exp rule, so
+no query is ever left without the context it did not compute exactly:
+
+- ``"group_means"`` (:func:`add_approximate_branch`, DESIGN.md's): every key group of an
+  unselected block contributes one pooled key ``k̄_b`` with logit ``q·k̄_b * scale + log n_b`` (it
+  stands for its ``n_b`` tokens) and pooled value ``v̄_b``.
+- ``"taylor"`` (:func:`add_taylor_branch`): the row's left-out keys and values through their
+  first and second moments, ``exp`` expanded to second order about the mean logit.
 """
 
 from __future__ import annotations
@@ -60,3 +64,81 @@ def add_approximate_branch(
         out[:, :, s0:s1] = w_exact * out[:, :, s0:s1] + w_coarse * coarse
         lse[:, :, s0:s1] = merged
     return out.transpose(1, 2), lse
+
+
+def add_taylor_branch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: BlockPlan,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge a second-order Taylor estimate of attention over the unselected blocks.
+
+    For a query ``q`` and the ``n`` keys left out of its row, with ``k̄, v̄`` their means and
+    ``δ_i = s q·(k_i − k̄)`` each key's logit about the mean logit ``c = s q·k̄``:
+
+        Σ exp(s q·k_i)        ≈ n e^c (1 + qᵀCq s² / 2n)             (C: the keys' scatter)
+        Σ exp(s q·k_i) v_i / Σ ≈ v̄ + s qᵀX / n / (1 + qᵀCq s² / 2n)  (X: the key-value scatter)
+
+    ``exp(δ) ≈ 1 + δ + δ²/2``; the first-order term sums to zero over the keys, the second makes
+    the mass at least Jensen's ``n e^c`` (group means underestimate it), and the value gets the
+    first-order, query-dependent correction. Unlike group means, every left-out token takes
+    part through its block's moments (sums of ``k``, ``v``, ``k kᵀ``, ``k vᵀ``), so a head that
+    attends almost uniformly is reproduced almost exactly, with its contrast. Costs
+    ``O(S·D²)`` per head, plus ``O(Nq·Nk·D²)`` to sum each row's left-out blocks.
+
+    Args and returns as :func:`add_approximate_branch`.
+    """
+    batch, seq, heads, dim = q.shape
+    bs = plan.layout.block_size
+    nk = plan.num_kv_blocks
+    scale = dim**-0.5 if scale is None else scale
+    pad = nk * bs - seq
+    unselected = (~plan.to_dense_mask()).flatten(0, 1).float()  # (G, Nq, Nk), G = B*H
+    counts = torch.full((nk,), float(bs), device=q.device)
+    counts[-1] -= pad
+
+    def blocks(x: torch.Tensor, g0: int, g1: int) -> torch.Tensor:
+        """Heads ``g0:g1`` of ``(B, S, H, D)`` as ``(g, Nk, bs, D)`` fp32, zero-padded."""
+        x = x.transpose(1, 2).flatten(0, 1)[g0:g1].float()
+        return torch.nn.functional.pad(x, (0, 0, 0, pad)).unflatten(1, (nk, bs))
+
+    out = out.float().transpose(1, 2).flatten(0, 1).clone()  # (G, S, D)
+    lse = lse.flatten(0, 1).clone()  # (G, S)
+    groups = out.shape[0]
+    step = max(1, _CHUNK_ELEMENTS // (nk * dim * dim))
+    for g0 in range(0, groups, step):
+        g1 = min(groups, g0 + step)
+        qb, kb, vb = blocks(q, g0, g1), blocks(k, g0, g1), blocks(v, g0, g1)
+        un = unselected[g0:g1]  # (g, Nq, Nk)
+        n = un @ counts  # (g, Nq) tokens left out of each row
+        k_sum, v_sum = kb.sum(2), vb.sum(2)  # (g, Nk, D)
+        kk = (kb.transpose(-1, -2) @ kb).flatten(-2)  # (g, Nk, D*D)
+        kv = (kb.transpose(-1, -2) @ vb).flatten(-2)
+        inv_n = 1.0 / n.clamp_min(1.0)
+        k_mean = (un @ k_sum) * inv_n[..., None]  # (g, Nq, D)
+        v_mean = (un @ v_sum) * inv_n[..., None]
+        scatter = (un @ kk).unflatten(-1, (dim, dim)) - n[..., None, None] * (
+            k_mean[..., :, None] * k_mean[..., None, :]
+        )  # (g, Nq, D, D)
+        cross = (un @ kv).unflatten(-1, (dim, dim)) - n[..., None, None] * (
+            k_mean[..., :, None] * v_mean[..., None, :]
+        )
+        centre = scale * (qb @ k_mean[..., :, None]).squeeze(-1)  # (g, Nq, bs)
+        spread = (scale * scale / 2) * ((qb @ scatter) * qb).sum(-1) * inv_n[..., None]
+        first = scale * (qb @ cross) * inv_n[..., None, None]  # (g, Nq, bs, D)
+        gain = 1.0 + spread.clamp_min(0.0)  # C is a scatter matrix: rounding only
+        tail_lse = (n.clamp_min(1.0).log()[..., None] + centre + gain.log()).flatten(1)[:, :seq]
+        tail_lse = tail_lse.masked_fill((n == 0).repeat_interleave(bs, 1)[:, :seq], float("-inf"))
+        tail = (v_mean[..., None, :] + first / gain[..., None]).flatten(1, 2)[:, :seq]
+        merged = torch.logaddexp(lse[g0:g1], tail_lse)
+        w_exact = torch.exp(lse[g0:g1] - merged).unsqueeze(-1)
+        w_tail = torch.exp(tail_lse - merged).unsqueeze(-1)
+        out[g0:g1] = w_exact * out[g0:g1] + w_tail * tail
+        lse[g0:g1] = merged
+    out = out.unflatten(0, (batch, heads)).transpose(1, 2)
+    return out, lse.unflatten(0, (batch, heads))

@@ -8,9 +8,11 @@ from typing import Literal
 
 Selection = Literal["top_p", "top_k"]
 BudgetMode = Literal["fixed", "online", "profile"]
+Approximation = Literal["group_means", "taylor"]
 
 SELECTIONS = ("top_p", "top_k")
 BUDGET_MODES = ("fixed", "online", "profile")
+APPROXIMATIONS = ("group_means", "taylor")
 BACKENDS = ("auto", "reference", "flex", "fa4")
 GROUP_SIZES_HINT = "a divisor of block_size that is a multiple of 16 (16, 32, 64, ...)"
 
@@ -65,7 +67,11 @@ class PASAConfig:
             dense step must leave every other step at least 0.75 x ``density``).
         min_step_density: floor on one step's density when the budget varies it by step.
         profile_path: JSON profile for ``budget="profile"``.
-        approximate: cover unselected blocks with group-mean keys and values (ablation).
+        approximate: estimate the attention over each row's unselected blocks and merge it
+            with the exact part: False (none; the default), ``"group_means"`` (one pooled key and
+            value per group, DESIGN.md's branch; True means this) or ``"taylor"`` (the left-out
+            keys' and values' moments, ``exp`` to second order about their mean logit; exact
+            for a head that attends uniformly). See :mod:`pasa.approximate`.
         backend: ``"auto"``, ``"reference"``, ``"flex"`` or ``"fa4"``.
         check_finite: reject NaN / Inf inputs (judged from the estimate's group means for q and k
             and one min / max of v; one host sync per call, per model call under ``pasa.apply``).
@@ -87,7 +93,7 @@ class PASAConfig:
     dense_quantile: float = 0.1
     min_step_density: float = 0.05
     profile_path: str | None = field(default=None, compare=False)
-    approximate: bool = False
+    approximate: bool | Approximation = False
     backend: str = "auto"
     check_finite: bool = True
 
@@ -118,6 +124,10 @@ class PASAConfig:
             _fail("selection", self.selection, f"one of {SELECTIONS}")
         if not (isinstance(self.local_share, (int, float)) and 0.0 <= self.local_share <= 1.0):
             _fail("local_share", self.local_share, "a number in [0, 1]")
+        if self.approximate is True:
+            object.__setattr__(self, "approximate", "group_means")
+        if self.approximate is not False and self.approximate not in APPROXIMATIONS:
+            _fail("approximate", self.approximate, f"False, True or one of {APPROXIMATIONS}")
         if not isinstance(self.steady_window, bool):
             _fail("steady_window", self.steady_window, "True or False")
         if not (

@@ -40,7 +40,13 @@ pasa_g32                  PASA with the grouped estimate at g = 32 (4 x 4 group 
 pasa_no_grouped           PASA with one group per block (mean-pooled estimate)
 pasa_no_stochastic        PASA with deterministic routing (tau = 0)
 pasa_no_curvature         PASA with a fixed per-step budget
-pasa_approximate          PASA plus the approximate branch for unselected blocks
+pasa_approximate          PASA plus the approximate branch for unselected blocks (group means)
+pasa_taylor               PASA plus the Taylor tail for unselected blocks (approximate="taylor":
+                          the left-out keys' and values' moments, exp to second order)
+pasa_taylor_fixed         pasa_taylor with a fixed per-step budget
+pasa_taylor_local100      the local window alone plus the Taylor tail, curvature budget
+pasa_taylor_no_local      the estimate alone (local_share = 0) plus the Taylor tail
+window_taylor             the static window stretched in time plus the Taylor tail, fixed budget
 pasa_top_p                PASA with top-p rows (one coverage p per call) instead of top-k
 ========================  ========================================================================
 """
@@ -205,6 +211,18 @@ STRATEGIES: dict[str, Strategy] = {
         Strategy("pasa_no_curvature", "PASA without curvature budget (fixed per step)", _pasa()),
         Strategy("pasa_approximate", "PASA with approximate branch", _pasa(approximate=True),
                  calibrated=True),
+        Strategy("pasa_taylor", "PASA with the Taylor tail (approximate = taylor)",
+                 _pasa(approximate="taylor"), calibrated=True),
+        Strategy("pasa_taylor_fixed", "PASA with the Taylor tail, fixed per-step budget",
+                 _pasa(approximate="taylor")),
+        Strategy("pasa_taylor_local100", "the window alone plus the Taylor tail, curvature budget",
+                 _pasa(local_share=1.0, approximate="taylor"), calibrated=True),
+        Strategy("pasa_taylor_no_local", "the estimate alone plus the Taylor tail (local_share = 0)",
+                 _pasa(local_share=0.0, approximate="taylor"), calibrated=True),
+        Strategy("window_taylor",
+                 "the static window stretched in time plus the Taylor tail (fixed budget)",
+                 _pasa(approximate="taylor"),
+                 plan_fn=partial(window_plan, time_scale=PASA_WINDOW_TIME_SCALE)),
         Strategy("pasa_top_p", "PASA with top-p rows", _pasa(selection="top_p"), calibrated=True),
     )
 }  # fmt: skip

@@ -1,0 +1,141 @@
+"""The approximate branches: the Taylor tail against a brute-force statement of its formula, its
+exactness for uniform attention, and how both branches leave dense plans and configs alone."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pasa
+from pasa import approximate
+from pasa.approximate import add_taylor_branch
+from pasa.layout import make_layout
+from pasa.plan import BlockPlan
+
+
+def sdpa(q, k, v):
+    return F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    ).transpose(1, 2)
+
+
+def exact_part(q, k, v, mask, bs):
+    """Attention of (B, S, H, D) tiled inputs over the blocks of ``mask`` (B, H, Nq, Nk), and
+    its LSE (B, H, S), in float64."""
+    seq = q.shape[1]
+    token_mask = mask.repeat_interleave(bs, 2).repeat_interleave(bs, 3)[..., :seq, :seq]
+    logits = torch.einsum("bshd,bthd->bhst", q.double(), k.double()) * q.shape[-1] ** -0.5
+    logits = logits.masked_fill(~token_mask, float("-inf"))
+    out = torch.softmax(logits, -1) @ v.double().transpose(1, 2)
+    return out.transpose(1, 2), torch.logsumexp(logits, -1)
+
+
+def taylor_by_rows(q, k, v, mask, bs):
+    """The Taylor tail of every query, written out token by token from its row's left-out keys
+    (the statement the blocked implementation must match), merged with the exact part."""
+    batch, seq, heads, dim = q.shape
+    s = dim**-0.5
+    exact, lse = exact_part(q, k, v, mask, bs)
+    out = torch.empty_like(exact)
+    merged = torch.empty_like(lse)
+    for b in range(batch):
+        for h in range(heads):
+            for i in range(seq):
+                keep = mask[b, h, i // bs].repeat_interleave(bs)[:seq]
+                kk, vv = k[b, ~keep, h].double(), v[b, ~keep, h].double()
+                qi = q[b, i, h].double()
+                if kk.shape[0] == 0:
+                    out[b, i, h], merged[b, h, i] = exact[b, i, h], lse[b, h, i]
+                    continue
+                n = kk.shape[0]
+                kbar, vbar = kk.mean(0), vv.mean(0)
+                delta = s * (kk - kbar) @ qi  # logits about the mean logit
+                gain = 1 + (delta**2).mean() / 2
+                tail_lse = math.log(n) + s * float(qi @ kbar) + math.log(gain)
+                tail = vbar + (delta[:, None] * vv).sum(0) / n / gain
+                m = torch.logaddexp(lse[b, h, i], torch.tensor(tail_lse, dtype=torch.float64))
+                out[b, i, h] = (
+                    torch.exp(lse[b, h, i] - m) * exact[b, i, h] + math.exp(tail_lse - m) * tail
+                )
+                merged[b, h, i] = m
+    return out, merged
+
+
+def random_plan(layout, batch, heads, density, seed):
+    gen = torch.Generator().manual_seed(seed)
+    n = layout.num_blocks
+    mask = torch.rand(batch, heads, n, n, generator=gen) < density
+    mask |= torch.eye(n, dtype=torch.bool)  # every row keeps at least its own block
+    mask[:, :, -1] = True  # and one row keeps everything (no tail)
+    return BlockPlan.from_dense_mask(mask, layout), mask
+
+
+@pytest.mark.parametrize("chunk", [None, 1])
+def test_taylor_branch_matches_its_formula_row_by_row(monkeypatch, chunk):
+    # A ragged last block (S = 5 * 9 * 11 = 495 is not a multiple of 64), batch 2, 3 heads; chunk
+    # 1 forces one head per pass through the loop.
+    if chunk is not None:
+        monkeypatch.setattr(approximate, "_CHUNK_ELEMENTS", chunk)
+    grid, bs = (5, 9, 11), 64
+    layout = make_layout(grid, block_size=bs)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 495, 3, 16, generator=gen) for _ in range(3))
+    plan, mask = random_plan(layout, 2, 3, 0.3, seed=1)
+    exact, lse = exact_part(q, k, v, mask, bs)
+    out, merged = add_taylor_branch(q, k, v, plan, exact.float(), lse.float())
+    want_out, want_lse = taylor_by_rows(q, k, v, mask, bs)
+    torch.testing.assert_close(out, want_out.float(), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(merged, want_lse.float(), atol=2e-5, rtol=1e-5)
+    # The last query block keeps every key block: no tail, the exact result unchanged.
+    last = slice((layout.num_blocks - 1) * bs, 495)
+    torch.testing.assert_close(out[:, last], exact[:, last].float())
+
+
+def test_taylor_branch_is_exact_for_uniform_attention():
+    # q = 0: every key has the same logit, attention is the plain mean of v. Any plan plus the
+    # Taylor tail gives it (up to rounding); the exact part alone gives a local mean, and group
+    # means give it only because their pooled logits are equal too.
+    grid = (4, 16, 16)
+    _, k, v = (torch.randn(1, 1024, 2, 32) for _ in range(3))
+    q = torch.zeros_like(k)
+    dense = sdpa(q, k, v)
+    config = pasa.PASAConfig(density=0.1, temperature=0.0, backend="reference")
+    sparse = pasa.sparse_attention(q, k, v, grid=grid, config=config)
+    taylor = pasa.sparse_attention(q, k, v, grid=grid, config=config.replace(approximate="taylor"))
+    assert float((sparse - dense).norm() / dense.norm()) > 0.5
+    torch.testing.assert_close(taylor, dense, atol=1e-5, rtol=1e-4)
+
+
+def test_taylor_branch_beats_group_means_on_nearly_uniform_heads():
+    # Small logits (q scaled down): nearly uniform attention whose weights still depend on the
+    # query. The second-order tail keeps that dependence; group means lose it.
+    from pasa.synthetic import video_qkv
+
+    grid = (4, 32, 32)
+    q, k, v = video_qkv(grid, heads=2, dim=64, seed=3)
+    q = q * 0.1
+    dense = sdpa(q, k, v)
+    config = pasa.PASAConfig(density=0.1, temperature=0.0, backend="reference")
+    errors = {}
+    for approx in (False, "group_means", "taylor"):
+        out = pasa.sparse_attention(q, k, v, grid=grid, config=config.replace(approximate=approx))
+        errors[approx] = float((out - dense).norm() / dense.norm())
+    assert errors["taylor"] < 0.25 * errors["group_means"] < errors[False]
+
+
+def test_taylor_branch_leaves_dense_plans_alone():
+    grid = (3, 7, 9)
+    q, k, v = (torch.randn(2, 189, 2, 32) for _ in range(3))
+    config = pasa.PASAConfig(density=1.0, backend="reference", approximate="taylor")
+    out, lse = pasa.sparse_attention(q, k, v, grid=grid, config=config, return_lse=True)
+    torch.testing.assert_close(out, sdpa(q, k, v), atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(lse).all()
+
+
+def test_approximate_setting_is_validated_and_true_means_group_means():
+    assert pasa.PASAConfig(approximate=True).approximate == "group_means"
+    assert pasa.PASAConfig(approximate="taylor").approximate == "taylor"
+    assert pasa.PASAConfig().approximate is False
+    with pytest.raises(ValueError, match="approximate"):
+        pasa.PASAConfig(approximate="linear")
