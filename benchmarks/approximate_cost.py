@@ -54,7 +54,9 @@ def measure(name: str, args: argparse.Namespace) -> dict:
             )
         )
     # The branches alone, on one plan and one kernel output in tiled order.
-    layout = pasa.make_layout(sc.grid, block_size=base.block_size, num_text_tokens=sc.text_tokens)
+    layout = pasa.make_layout(
+        sc.grid, block_size=base.block_size, num_text_tokens=sc.text_tokens, device=q.device
+    )
     qt, kt, vt = layout.to_blocks(q), layout.to_blocks(k), layout.to_blocks(v)
     _, plan = pasa.sparse_attention(
         qt, kt, vt, grid=sc.grid, config=base, tiled=True, num_text_tokens=sc.text_tokens,

@@ -100,7 +100,7 @@ def test_taylor_branch_is_exact_for_uniform_attention():
     _, k, v = (torch.randn(1, 1024, 2, 32) for _ in range(3))
     q = torch.zeros_like(k)
     dense = sdpa(q, k, v)
-    config = pasa.PASAConfig(density=0.1, temperature=0.0, backend="reference")
+    config = pasa.PASAConfig(density=0.1, temperature=0.0, backend="reference", approximate=False)
     sparse = pasa.sparse_attention(q, k, v, grid=grid, config=config)
     taylor = pasa.sparse_attention(q, k, v, grid=grid, config=config.replace(approximate="taylor"))
     assert float((sparse - dense).norm() / dense.norm()) > 0.5
@@ -136,6 +136,7 @@ def test_taylor_branch_leaves_dense_plans_alone():
 def test_approximate_setting_is_validated_and_true_means_group_means():
     assert pasa.PASAConfig(approximate=True).approximate == "group_means"
     assert pasa.PASAConfig(approximate="taylor").approximate == "taylor"
-    assert pasa.PASAConfig().approximate is False
+    assert pasa.PASAConfig().approximate == "taylor"
+    assert pasa.PASAConfig(approximate=False).approximate is False
     with pytest.raises(ValueError, match="approximate"):
         pasa.PASAConfig(approximate="linear")

@@ -26,7 +26,8 @@ def qkv(grid, text=0, batch=1, heads=2, dim=32, dtype=torch.float32):
     return [torch.randn(batch, s, heads, dim).to(dtype) for _ in range(3)]
 
 
-DENSE = pasa.PASAConfig(density=1.0, backend="reference")
+# Exact blocks only: a plan passed to a call with this config is computed as it stands.
+DENSE = pasa.PASAConfig(density=1.0, backend="reference", approximate=False)
 
 
 # Small grids keep the fp32 reference fast on 2 CPU cores; they still cover ragged last blocks,
@@ -83,7 +84,7 @@ def test_complementary_plans_merge_to_dense_through_lse():
 def test_sparse_output_matches_masked_dense_attention():
     grid = (4, 16, 16)
     q, k, v = qkv(grid, batch=2)
-    config = pasa.PASAConfig(density=0.3, backend="reference")
+    config = pasa.PASAConfig(density=0.3, backend="reference", approximate=False)
     plan = pasa.plan_blocks(q, k, grid=grid, config=config)
     out = pasa.sparse_attention(q, k, v, grid=grid, config=config, plan=plan)
     # Token-level mask from the block plan, in original token order.
@@ -202,7 +203,7 @@ def test_approximate_branch_reduces_error_and_leaves_dense_alone():
     grid = (4, 32, 32)
     q, k, v = video_qkv(grid, heads=2, dim=64, seed=3)
     dense = sdpa(q, k, v)
-    exact_only = pasa.PASAConfig(density=0.1, temperature=0.0)
+    exact_only = pasa.PASAConfig(density=0.1, temperature=0.0, approximate=False)
     errors = []
     for config in (exact_only, exact_only.replace(approximate=True)):
         out = pasa.sparse_attention(q, k, v, grid=grid, config=config)

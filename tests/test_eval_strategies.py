@@ -42,10 +42,8 @@ def test_ablations_differ_from_pasa_in_one_field():
         "pasa_isotropic_window": {"window_time_scale": 1.0},
         "pasa_no_stochastic": {"temperature": 0.0},
         "pasa_no_curvature": {"budget": "fixed"},
-        "pasa_approximate": {"approximate": True},
-        "pasa_taylor": {"approximate": "taylor"},
-        "pasa_taylor_fixed": {"approximate": "taylor", "budget": "fixed"},
-        "pasa_taylor_no_local": {"approximate": "taylor", "local_share": 0.0},
+        "pasa_approximate": {"approximate": "group_means"},
+        "pasa_no_approximate": {"approximate": False},
     }
     for name, fields in changed.items():
         assert STRATEGIES[name].config(0.15) == base.replace(**fields)

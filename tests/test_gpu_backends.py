@@ -284,6 +284,27 @@ def test_sparse_attention_cuda_end_to_end(backend):
     assert lse.shape == (2, 3, q.shape[1])
 
 
+@pytest.mark.parametrize("backend", ["flex", "reference"])
+def test_taylor_branch_on_cuda_matches_the_cpu(backend):
+    """approximate="taylor" on CUDA (bf16 inputs, the kernel's LSE) = the CPU's fp32 reference
+    on the same plan."""
+    grid, text = CASES[0]
+    q, k, v = _inputs(grid, text, torch.bfloat16)
+    config = pasa.PASAConfig(density=0.3, backend=backend, approximate="taylor")
+    plan = pasa.plan_blocks(q, k, grid=grid, config=config, num_text_tokens=text)
+    out = pasa.sparse_attention(q, k, v, grid=grid, config=config, num_text_tokens=text, plan=plan)
+    cpu_layout = make_layout(grid, num_text_tokens=text)
+    cpu_plan = type(plan)(plan.kv_indices.cpu(), plan.kv_counts.cpu(), cpu_layout)
+    ref = pasa.sparse_attention(
+        *(t.float().cpu() for t in (q, k, v)),
+        grid=grid,
+        num_text_tokens=text,
+        config=config.replace(backend="reference"),
+        plan=cpu_plan,
+    )
+    assert (out.float().cpu() - ref).abs().max().item() < 3e-2
+
+
 def test_flex_no_recompile_on_new_plan():
     import torch._dynamo.utils as dyn_utils
 

@@ -29,7 +29,7 @@ def sparse_attention_op(
     min_blocks: int,
     max_blocks: int,
     seed: int,
-    approximate: bool,
+    approximate: str,
     backend: str,
     check_finite: bool,
     local_share: float,
@@ -45,7 +45,7 @@ def sparse_attention_op(
     """out ``(B, S, H, D)`` and lse ``(B, H, S)`` fp32 of :func:`pasa.sparse_attention`.
 
     The config travels as its routing / kernel fields (``tile`` empty: "auto"; ``max_blocks``
-    -1: None); ``density < 0`` means ``config.density``; ``kv_indices`` / ``kv_counts`` a
+    -1: None; ``approximate`` "" : False); ``density < 0`` means ``config.density``; ``kv_indices`` / ``kv_counts`` a
     precomputed plan.
     """
     from pasa.attention import layout_for, sparse_attention
@@ -103,6 +103,7 @@ def config_args(config: PASAConfig) -> list:
         "window_time_scale": float,
         "tile": lambda tile: [] if tile == "auto" else list(tile),
         "max_blocks": lambda blocks: -1 if blocks is None else blocks,
+        "approximate": lambda approximate: approximate or "",
     }
     return [encode.get(name, lambda value: value)(getattr(config, name)) for name in OP_FIELDS]
 
@@ -112,4 +113,5 @@ def config_from_args(values: list) -> PASAConfig:
     fields = dict(zip(OP_FIELDS, values, strict=True))
     fields["tile"] = tuple(fields["tile"]) if fields["tile"] else "auto"
     fields["max_blocks"] = None if fields["max_blocks"] < 0 else fields["max_blocks"]
+    fields["approximate"] = fields["approximate"] or False
     return PASAConfig(**fields, min_step_density=fields["density"])

@@ -20,9 +20,10 @@ sparse_videogen           Sparse-VideoGen-style: first 20% of steps dense, then 
 pasa                      the library's defaults: grouped estimate (g = 64), three quarters of each
                           row's top-k count to the nearest blocks (local_share = 0.75, time
                           distances counted half, the window's size steady across steps), the rest
-                          by the estimate with stochastic routing (tau = 0.25), and the curvature
+                          by the estimate with stochastic routing (tau = 0.25), the curvature
                           budget from a profile recorded by one calibration run on a caption
-                          outside the evaluation set
+                          outside the evaluation set, and the Taylor tail for the blocks left out
+                          (approximate = "taylor")
 pasa_isotropic_window     PASA with time and space distances counted alike (window_time_scale = 1)
 pasa_step_window          PASA with the window sized by each step's density (steady_window = False)
 pasa_window_floor         PASA whose budget never gives a step fewer blocks than its local window
@@ -40,12 +41,10 @@ pasa_g32                  PASA with the grouped estimate at g = 32 (4 x 4 group 
 pasa_no_grouped           PASA with one group per block (mean-pooled estimate)
 pasa_no_stochastic        PASA with deterministic routing (tau = 0)
 pasa_no_curvature         PASA with a fixed per-step budget
-pasa_approximate          PASA plus the approximate branch for unselected blocks (group means)
-pasa_taylor               PASA plus the Taylor tail for unselected blocks (approximate="taylor":
-                          the left-out keys' and values' moments, exp to second order)
-pasa_taylor_fixed         pasa_taylor with a fixed per-step budget
-pasa_taylor_local100      the local window alone plus the Taylor tail, curvature budget
-pasa_taylor_no_local      the estimate alone (local_share = 0) plus the Taylor tail
+pasa_no_approximate       PASA without the approximate branch: exact blocks only (the defaults
+                          before the Taylor tail)
+pasa_approximate          PASA with the group-mean branch (DESIGN.md section 4) in place of the
+                          Taylor tail
 window_taylor             the static window stretched in time plus the Taylor tail, fixed budget
 pasa_top_p                PASA with top-p rows (one coverage p per call) instead of top-k
 ========================  ========================================================================
@@ -134,7 +133,9 @@ def _pasa(floor_share: float = 0.0, **changes: object) -> Callable[[float], PASA
 
 
 def _peer(**changes: object) -> Callable[[float], PASAConfig]:
-    base = dict(group_size=128, temperature=0.0, local_share=0.0, budget="fixed")
+    """A peer's rule in PASA's terms: one group per block, deterministic routing, no window,
+    fixed budget, exact blocks only (no approximate branch)."""
+    base = dict(group_size=128, temperature=0.0, local_share=0.0, budget="fixed", approximate=False)
     base.update(changes)
     return lambda density: PASAConfig(density=density, **base)
 
@@ -209,16 +210,11 @@ STRATEGIES: dict[str, Strategy] = {
         Strategy("pasa_no_stochastic", "PASA without stochastic routing (tau = 0)",
                  _pasa(temperature=0.0), calibrated=True),
         Strategy("pasa_no_curvature", "PASA without curvature budget (fixed per step)", _pasa()),
-        Strategy("pasa_approximate", "PASA with approximate branch", _pasa(approximate=True),
-                 calibrated=True),
-        Strategy("pasa_taylor", "PASA with the Taylor tail (approximate = taylor)",
-                 _pasa(approximate="taylor"), calibrated=True),
-        Strategy("pasa_taylor_fixed", "PASA with the Taylor tail, fixed per-step budget",
-                 _pasa(approximate="taylor")),
-        Strategy("pasa_taylor_local100", "the window alone plus the Taylor tail, curvature budget",
-                 _pasa(local_share=1.0, approximate="taylor"), calibrated=True),
-        Strategy("pasa_taylor_no_local", "the estimate alone plus the Taylor tail (local_share = 0)",
-                 _pasa(local_share=0.0, approximate="taylor"), calibrated=True),
+        Strategy("pasa_no_approximate",
+                 "PASA without the approximate branch (exact blocks only)",
+                 _pasa(approximate=False), calibrated=True),
+        Strategy("pasa_approximate", "PASA with group means instead of the Taylor tail",
+                 _pasa(approximate="group_means"), calibrated=True),
         Strategy("window_taylor",
                  "the static window stretched in time plus the Taylor tail (fixed budget)",
                  _pasa(approximate="taylor"),
