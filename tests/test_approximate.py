@@ -140,3 +140,19 @@ def test_approximate_setting_is_validated_and_true_means_group_means():
     assert pasa.PASAConfig(approximate=False).approximate is False
     with pytest.raises(ValueError, match="approximate"):
         pasa.PASAConfig(approximate="linear")
+
+
+def test_taylor_branch_in_bf16_stays_close_to_fp32():
+    # Half-precision inputs take the bf16 matmul path (centred moments); on the same values it
+    # must agree with the fp32 path to about bf16's precision.
+    grid, bs = (4, 16, 16), 128
+    layout = make_layout(grid, block_size=bs)
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 1024, 2, 32, generator=gen).bfloat16() for _ in range(3))
+    k = k + 2.0  # a large common part, which the centring must take out before the sums
+    plan, mask = random_plan(layout, 1, 2, 0.2, seed=2)
+    exact, lse = exact_part(q, k, v, mask, bs)
+    want, want_lse = add_taylor_branch(q.float(), k.float(), v.float(), plan, exact, lse.float())
+    got, got_lse = add_taylor_branch(q, k, v, plan, exact.bfloat16(), lse.float())
+    assert float((got - want).norm() / want.norm()) < 2e-2
+    torch.testing.assert_close(got_lse, want_lse, atol=2e-2, rtol=1e-3)

@@ -88,8 +88,13 @@ def add_taylor_branch(
     the mass at least Jensen's ``n e^c`` (group means underestimate it), and the value gets the
     first-order, query-dependent correction. Unlike group means, every left-out token takes
     part through its block's moments (sums of ``k``, ``v``, ``k kᵀ``, ``k vᵀ``), so a head that
-    attends almost uniformly is reproduced almost exactly, with its contrast. Costs
-    ``O(S·D²)`` per head, plus ``O(Nq·Nk·D²)`` to sum each row's left-out blocks.
+    attends almost uniformly is reproduced almost exactly, with its contrast.
+
+    Cost: ``O(Nk·bs·D²)`` for the block moments, ``O(Nq·Nk·D²)`` to sum each row's left-out
+    blocks (a matmul with the plan's complement) and ``O(S·D²)`` for the queries, per head. With
+    half-precision inputs the three run as bf16 matmuls (fp32 accumulation) on keys and values
+    centred on their head's mean, so the sums carry no large common part; ``qᵀCq`` and ``qᵀX``
+    are taken as ``qᵀ(Σkkᵀ)q − n(q·k̄)²`` and ``qᵀ(Σkvᵀ) − n(q·k̄)v̄``, never forming ``C``.
 
     Args and returns as :func:`add_approximate_branch`.
     """
@@ -98,14 +103,19 @@ def add_taylor_branch(
     nk = plan.num_kv_blocks
     scale = dim**-0.5 if scale is None else scale
     pad = nk * bs - seq
-    unselected = (~plan.to_dense_mask()).flatten(0, 1).float()  # (G, Nq, Nk), G = B*H
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    dtype = torch.bfloat16 if half else torch.float32  # bf16: fp16 would overflow the sums
+    unselected = (~plan.to_dense_mask()).flatten(0, 1)  # (G, Nq, Nk), G = B*H
     counts = torch.full((nk,), float(bs), device=q.device)
     counts[-1] -= pad
 
-    def blocks(x: torch.Tensor, g0: int, g1: int) -> torch.Tensor:
-        """Heads ``g0:g1`` of ``(B, S, H, D)`` as ``(g, Nk, bs, D)`` fp32, zero-padded."""
-        x = x.transpose(1, 2).flatten(0, 1)[g0:g1].float()
-        return torch.nn.functional.pad(x, (0, 0, 0, pad)).unflatten(1, (nk, bs))
+    def heads_of(x: torch.Tensor, g0: int, g1: int) -> torch.Tensor:
+        """Heads ``g0:g1`` of ``(B, S, H, D)`` as ``(g, S, D)`` fp32."""
+        return x.transpose(1, 2).flatten(0, 1)[g0:g1].float()
+
+    def blocks(x: torch.Tensor) -> torch.Tensor:
+        """``(g, S, D)`` as ``(g, Nk, bs, D)`` in the matmul dtype, zero-padded."""
+        return torch.nn.functional.pad(x, (0, 0, 0, pad)).unflatten(1, (nk, bs)).to(dtype)
 
     out = out.float().transpose(1, 2).flatten(0, 1).clone()  # (G, S, D)
     lse = lse.flatten(0, 1).clone()  # (G, S)
@@ -113,28 +123,34 @@ def add_taylor_branch(
     step = max(1, _CHUNK_ELEMENTS // (nk * dim * dim))
     for g0 in range(0, groups, step):
         g1 = min(groups, g0 + step)
-        qb, kb, vb = blocks(q, g0, g1), blocks(k, g0, g1), blocks(v, g0, g1)
-        un = unselected[g0:g1]  # (g, Nq, Nk)
-        n = un @ counts  # (g, Nq) tokens left out of each row
-        k_sum, v_sum = kb.sum(2), vb.sum(2)  # (g, Nk, D)
+        qh, kh, vh = heads_of(q, g0, g1), heads_of(k, g0, g1), heads_of(v, g0, g1)
+        k_centre, v_centre = kh.mean(1, keepdim=True), vh.mean(1, keepdim=True)  # (g, 1, D)
+        kb, vb = blocks(kh - k_centre), blocks(vh - v_centre)  # padding stays zero
+        qb = blocks(qh)
+        un = unselected[g0:g1]
+        n = un.float() @ counts  # (g, Nq) tokens left out of each row
+        inv_n = 1.0 / n.clamp_min(1.0)
+        k_mean = (un.float() @ kb.float().sum(2)) * inv_n[..., None]  # (g, Nq, D), centred
+        v_mean = (un.float() @ vb.float().sum(2)) * inv_n[..., None]
+        # Σ k kᵀ and Σ k vᵀ over each row's left-out blocks: (g, Nq, D, D).
         kk = (kb.transpose(-1, -2) @ kb).flatten(-2)  # (g, Nk, D*D)
         kv = (kb.transpose(-1, -2) @ vb).flatten(-2)
-        inv_n = 1.0 / n.clamp_min(1.0)
-        k_mean = (un @ k_sum) * inv_n[..., None]  # (g, Nq, D)
-        v_mean = (un @ v_sum) * inv_n[..., None]
-        scatter = (un @ kk).unflatten(-1, (dim, dim)) - n[..., None, None] * (
-            k_mean[..., :, None] * k_mean[..., None, :]
-        )  # (g, Nq, D, D)
-        cross = (un @ kv).unflatten(-1, (dim, dim)) - n[..., None, None] * (
-            k_mean[..., :, None] * v_mean[..., None, :]
-        )
-        centre = scale * (qb @ k_mean[..., :, None]).squeeze(-1)  # (g, Nq, bs)
-        spread = (scale * scale / 2) * ((qb @ scatter) * qb).sum(-1) * inv_n[..., None]
-        first = scale * (qb @ cross) * inv_n[..., None, None]  # (g, Nq, bs, D)
-        gain = 1.0 + spread.clamp_min(0.0)  # C is a scatter matrix: rounding only
+        u = un.to(dtype)
+        row_kk = (u @ kk).unflatten(-1, (dim, dim))
+        row_kv = (u @ kv).unflatten(-1, (dim, dim))
+        q_kmean = (qb.float() @ k_mean[..., :, None]).squeeze(-1)  # (g, Nq, bs)
+        quad = ((qb @ row_kk).float() * qb.float()).sum(-1) - n[..., None] * q_kmean.square()
+        lin = (qb @ row_kv).float() - n[..., None, None] * q_kmean[..., None] * v_mean[..., None, :]
+        gain = 1.0 + (scale * scale / 2) * quad.clamp_min(0.0) * inv_n[..., None]
+        centre = scale * (q_kmean + (qb.float() @ k_centre.transpose(1, 2)[:, None]).squeeze(-1))
         tail_lse = (n.clamp_min(1.0).log()[..., None] + centre + gain.log()).flatten(1)[:, :seq]
         tail_lse = tail_lse.masked_fill((n == 0).repeat_interleave(bs, 1)[:, :seq], float("-inf"))
-        tail = (v_mean[..., None, :] + first / gain[..., None]).flatten(1, 2)[:, :seq]
+        tail = (
+            v_centre[:, None]
+            + v_mean[..., None, :]
+            + scale * lin * (inv_n[..., None] / gain)[..., None]
+        )
+        tail = tail.flatten(1, 2)[:, :seq]
         merged = torch.logaddexp(lse[g0:g1], tail_lse)
         w_exact = torch.exp(lse[g0:g1] - merged).unsqueeze(-1)
         w_tail = torch.exp(tail_lse - merged).unsqueeze(-1)
