@@ -109,52 +109,53 @@ def add_taylor_branch(
     counts = torch.full((nk,), float(bs), device=q.device)
     counts[-1] -= pad
 
-    def heads_of(x: torch.Tensor, g0: int, g1: int) -> torch.Tensor:
-        """Heads ``g0:g1`` of ``(B, S, H, D)`` as ``(g, S, D)`` fp32."""
-        return x.transpose(1, 2).flatten(0, 1)[g0:g1].float()
+    def by_head(x: torch.Tensor) -> torch.Tensor:
+        """``(B, S, H, D)`` as ``(G, Nk, bs, D)`` in the matmul dtype, zero-padded (one copy)."""
+        x = x.to(dtype).transpose(1, 2).flatten(0, 1)
+        return torch.nn.functional.pad(x, (0, 0, 0, pad)).unflatten(1, (nk, bs))
 
-    def blocks(x: torch.Tensor) -> torch.Tensor:
-        """``(g, S, D)`` as ``(g, Nk, bs, D)`` in the matmul dtype, zero-padded."""
-        return torch.nn.functional.pad(x, (0, 0, 0, pad)).unflatten(1, (nk, bs)).to(dtype)
-
-    out = out.float().transpose(1, 2).flatten(0, 1).clone()  # (G, S, D)
+    qa, ka, va = by_head(q), by_head(k), by_head(v)
+    groups = batch * heads
+    merged_out = torch.empty(groups, seq, dim, dtype=torch.float32, device=q.device)
+    merged_out.view(batch, heads, seq, dim).copy_(out.transpose(1, 2))  # the caller's stays
+    out = merged_out  # (G, S, D)
     lse = lse.flatten(0, 1).clone()  # (G, S)
-    groups = out.shape[0]
     step = max(1, _CHUNK_ELEMENTS // (nk * dim * dim))
     for g0 in range(0, groups, step):
         g1 = min(groups, g0 + step)
-        qh, kh, vh = heads_of(q, g0, g1), heads_of(k, g0, g1), heads_of(v, g0, g1)
-        k_centre, v_centre = kh.mean(1, keepdim=True), vh.mean(1, keepdim=True)  # (g, 1, D)
-        kb, vb = blocks(kh - k_centre), blocks(vh - v_centre)  # padding stays zero
-        qb = blocks(qh)
+        qb = qa[g0:g1]  # (g, Nk, bs, D)
+        # Keys and values centred on their head's mean; the padding stays zero.
+        k_centre = ka[g0:g1].sum((1, 2), dtype=torch.float32) / seq  # (g, D)
+        v_centre = va[g0:g1].sum((1, 2), dtype=torch.float32) / seq
+        kb = ka[g0:g1] - k_centre.to(dtype)[:, None, None]
+        vb = va[g0:g1] - v_centre.to(dtype)[:, None, None]
+        if pad:
+            kb[:, -1, bs - pad :] = 0
+            vb[:, -1, bs - pad :] = 0
         un = unselected[g0:g1]
-        n = un.float() @ counts  # (g, Nq) tokens left out of each row
+        uf = un.float()
+        n = uf @ counts  # (g, Nq) tokens left out of each row
         inv_n = 1.0 / n.clamp_min(1.0)
-        k_mean = (un.float() @ kb.float().sum(2)) * inv_n[..., None]  # (g, Nq, D), centred
-        v_mean = (un.float() @ vb.float().sum(2)) * inv_n[..., None]
+        k_mean = (uf @ kb.sum(2, dtype=torch.float32)) * inv_n[..., None]  # (g, Nq, D), centred
+        v_mean = (uf @ vb.sum(2, dtype=torch.float32)) * inv_n[..., None]
         # Σ k kᵀ and Σ k vᵀ over each row's left-out blocks: (g, Nq, D, D).
-        kk = (kb.transpose(-1, -2) @ kb).flatten(-2)  # (g, Nk, D*D)
-        kv = (kb.transpose(-1, -2) @ vb).flatten(-2)
         u = un.to(dtype)
-        row_kk = (u @ kk).unflatten(-1, (dim, dim))
-        row_kv = (u @ kv).unflatten(-1, (dim, dim))
-        q_kmean = (qb.float() @ k_mean[..., :, None]).squeeze(-1)  # (g, Nq, bs)
-        quad = ((qb @ row_kk).float() * qb.float()).sum(-1) - n[..., None] * q_kmean.square()
-        lin = (qb @ row_kv).float() - n[..., None, None] * q_kmean[..., None] * v_mean[..., None, :]
+        row_kk = (u @ (kb.transpose(-1, -2) @ kb).flatten(-2)).unflatten(-1, (dim, dim))
+        row_kv = (u @ (kb.transpose(-1, -2) @ vb).flatten(-2)).unflatten(-1, (dim, dim))
+        # q·k̄ (centred) and q·(k̄ + centre) in fp32: (g, Nq, bs, 2).
+        q_means = qb.float() @ torch.stack((k_mean, k_mean + k_centre[:, None]), -1)
+        q_kmean, centre = q_means[..., 0], scale * q_means[..., 1]
+        quad = ((qb @ row_kk) * qb).sum(-1, dtype=torch.float32) - n[..., None] * q_kmean.square()
         gain = 1.0 + (scale * scale / 2) * quad.clamp_min(0.0) * inv_n[..., None]
-        centre = scale * (q_kmean + (qb.float() @ k_centre.transpose(1, 2)[:, None]).squeeze(-1))
         tail_lse = (n.clamp_min(1.0).log()[..., None] + centre + gain.log()).flatten(1)[:, :seq]
         tail_lse = tail_lse.masked_fill((n == 0).repeat_interleave(bs, 1)[:, :seq], float("-inf"))
-        tail = (
-            v_centre[:, None]
-            + v_mean[..., None, :]
-            + scale * lin * (inv_n[..., None] / gain)[..., None]
-        )
-        tail = tail.flatten(1, 2)[:, :seq]
+        # v̄ + s (qᵀΣkvᵀ − n (q·k̄) v̄) / n / gain, in place on the (g, Nq, bs, D) product.
+        coef = (scale * inv_n[..., None] / gain)[..., None]  # (g, Nq, bs, 1)
+        tail = (qb @ row_kv).float().mul_(coef)
+        tail.addcmul_(coef * n[..., None, None] * q_kmean[..., None], v_mean[:, :, None], value=-1)
+        tail.add_((v_centre[:, None] + v_mean)[:, :, None])
         merged = torch.logaddexp(lse[g0:g1], tail_lse)
-        w_exact = torch.exp(lse[g0:g1] - merged).unsqueeze(-1)
-        w_tail = torch.exp(tail_lse - merged).unsqueeze(-1)
-        out[g0:g1] = w_exact * out[g0:g1] + w_tail * tail
+        out[g0:g1].lerp_(tail.flatten(1, 2)[:, :seq], torch.exp(tail_lse - merged).unsqueeze(-1))
         lse[g0:g1] = merged
     out = out.unflatten(0, (batch, heads)).transpose(1, 2)
     return out, lse.unflatten(0, (batch, heads))
