@@ -106,6 +106,7 @@ SCENARIOS = {
     "smoke-wan": Scenario("wan", WAN_TINY, (3, 16, 16), 8, 2, "CPU smoke test"),
     "smoke-hunyuan": Scenario("hunyuan", HUNYUAN_TINY, (3, 16, 16), 8, 1, "CPU smoke test"),
 }
+APPROXIMATE = {"taylor": "taylor", "group_means": "group_means", "none": False}
 VARIANTS = ("cudnn", "fa4", "floor", "pasa-0.10", "pasa-0.15", "pasa-online")
 # The same with diffusers' regional compilation (``model.compile_repeated_blocks()``: one
 # transformer block compiled by torch.compile, reused by every block). PASA's processor stays
@@ -256,8 +257,9 @@ def run_scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 results[name_] = timed()
         elif variant.startswith("pasa-0"):
             config = pasa.PASAConfig(
-                density=float(variant.split("-")[1]), backend=args.backend, **blocks
-            )
+                density=float(variant.split("-")[1]), backend=args.backend,
+                approximate=APPROXIMATE[args.approximate], **blocks,
+            )  # fmt: skip
             state = pasa.apply(model, config)
             plans: dict[int, Any] = {}
             state.on_plan = lambda _s, layer, _h, plan, plans=plans: plans.setdefault(layer, plan)
@@ -327,7 +329,8 @@ def online_schedule(model, s, inputs, device, args, blocks, measure) -> dict[str
     pipe = types.SimpleNamespace(
         components={"transformer": model, "scheduler": scheduler}, scheduler=scheduler
     )
-    config = pasa.PASAConfig(density=0.15, budget="online", backend=args.backend, **blocks)
+    config = pasa.PASAConfig(density=0.15, budget="online", backend=args.backend,
+                             approximate=APPROXIMATE[args.approximate], **blocks)  # fmt: skip
     state = pasa.apply(pipe, config)
     latent = inputs.calls[0]["hidden_states"].clone()
 
@@ -364,6 +367,8 @@ def main() -> None:
         "--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS + COMPILED
     )
     parser.add_argument("--backend", default="auto")
+    parser.add_argument("--approximate", default="taylor", choices=list(APPROXIMATE),
+                        help="PASA's approximate branch (the default: taylor)")  # fmt: skip
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--schedule-steps", type=int, default=50)
@@ -389,7 +394,9 @@ def main() -> None:
             print(f"{name:18s} attention share of the dense cuDNN step: {share:.1%}")
     gpu = (env.get("gpu") or "cpu").replace(" ", "_")
     out = args.out or f"benchmarks/results/e2e-{'smoke-' if args.smoke else ''}{gpu}.json"
-    print(f"wrote {write_json(dict(benchmark='e2e', environment=env, scenarios=rows), out)}")
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    report = dict(benchmark="e2e", environment=env, settings=settings, scenarios=rows)
+    print(f"wrote {write_json(report, out)}")
 
 
 if __name__ == "__main__":

@@ -177,8 +177,13 @@ def test_tradeoff_plot_merges_results_files_and_names_a_bad_one(tmp_path):
     assert [(r["strategy"], r["metrics"]["psnr"]) for r in runs] == [
         ("pasa", 15.0), ("pasa", 20.0), ("static_window", 13.0)
     ]  # fmt: skip
+    only = merged_runs([second, first], only=["pasa"])
+    assert [(r["strategy"], r["metrics"]["psnr"]) for r in only] == [("pasa", 1.0)]
     out = tmp_path / "tradeoff.png"
     assert report_main([str(first), str(second), "--tradeoff", str(out)]) == 0
+    assert (
+        report_main([str(first), str(second), "--tradeoff", str(out), "--strategies", "pasa"]) == 0
+    )
     assert out.read_bytes()[:4] == b"\x89PNG"
     bad = tmp_path / "bad.json"
     bad.write_text("{}")

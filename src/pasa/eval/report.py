@@ -245,10 +245,12 @@ def write_results_markdown(
     return path
 
 
-def merged_runs(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
+def merged_runs(
+    paths: Sequence[str | Path], only: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
     """The runs of several suite ``results.json`` files; a strategy found in more than one
-    keeps the runs of the first file that has it. Raises SystemExit naming a file that is not
-    suite results."""
+    keeps the runs of the first file that has it; ``only`` keeps those strategies alone. Raises
+    SystemExit naming a file that is not suite results."""
     runs: list[dict[str, Any]] = []
     seen: set[str] = set()
     for name in paths:
@@ -259,7 +261,7 @@ def merged_runs(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
             raise SystemExit(f"{name}: not a suite results file ({exc!r})") from None
         runs += [r for r in file_runs if r["strategy"] in fresh]
         seen |= fresh
-    return runs
+    return runs if only is None else [r for r in runs if r["strategy"] in set(only)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,9 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="PSNR / flicker trade-off of suite results")
     ap.add_argument("results", nargs="+", help="results.json files written by `pasa eval`")
     ap.add_argument("--tradeoff", required=True, help="PNG to write")
+    ap.add_argument("--strategies", nargs="+", default=None, help="draw only these strategies")
     args = ap.parse_args(argv)
     labels = {name: s.label for name, s in STRATEGIES.items()}
-    path = plot_tradeoff(summarise(merged_runs(args.results)), args.tradeoff, labels=labels)
+    runs = merged_runs(args.results, args.strategies)
+    path = plot_tradeoff(summarise(runs), args.tradeoff, labels=labels)
     print(f"wrote {path}")
     return 0
 
