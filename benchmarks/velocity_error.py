@@ -32,12 +32,14 @@ from pasa.testbed.model import DEFAULT_CHECKPOINT, pixels_to_latents
 
 
 def variants(density: float) -> dict[str, pasa.PASAConfig]:
-    base = pasa.PASAConfig(density=density, budget="fixed")
+    base = pasa.PASAConfig(density=density, budget="fixed")  # the defaults: the Taylor tail
+    window = base.replace(local_share=1.0, temperature=0.0, approximate=False)
     return {
         "pasa": base,
-        "pasa_approximate": base.replace(approximate=True),
-        "pasa_taylor": base.replace(approximate="taylor"),
-        "window": base.replace(local_share=1.0, temperature=0.0),
+        "pasa_exact_blocks": base.replace(approximate=False),
+        "pasa_group_means": base.replace(approximate="group_means"),
+        "window": window,
+        "window_taylor": window.replace(approximate="taylor"),
     }
 
 
