@@ -67,6 +67,12 @@ def measure(name: str, args: argparse.Namespace) -> dict:
         lambda: add_approximate_branch(qt, kt, vt, plan, out, lse, group_size=base.group_size)
     )
     row["taylor_branch_ms"] = timed(lambda: add_taylor_branch(qt, kt, vt, plan, out, lse))
+    try:  # the Triton per-query kernel (opt-in until it has run on a GPU)
+        row["taylor_branch_kernel_ms"] = timed(
+            lambda: add_taylor_branch(qt, kt, vt, plan, out, lse, kernel=True)
+        )
+    except Exception as exc:  # recorded, so the other rows still come back
+        row["taylor_branch_kernel_error"] = repr(exc)[:300]
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
     add_taylor_branch(qt, kt, vt, plan, out, lse)

@@ -170,3 +170,15 @@ def test_taylor_branch_leaves_the_callers_tensors_alone():
     add_taylor_branch(q, k, v, plan, exact, lse)
     for a, b in zip((exact, lse, k), before, strict=True):
         assert torch.equal(a, b)
+
+
+def test_taylor_kernel_is_refused_where_it_cannot_run():
+    # The Triton kernel runs on CUDA (or under Triton's interpreter): elsewhere, and for a head
+    # size that is not a power of two, asking for it is an error, not a silent fallback.
+    grid = (3, 7, 9)
+    layout = make_layout(grid, block_size=64)
+    q, k, v = (torch.randn(1, 189, 2, 24) for _ in range(3))
+    plan, mask = random_plan(layout, 1, 2, 0.3, seed=0)
+    exact, lse = exact_part(q, k, v, mask, 64)
+    with pytest.raises(ValueError, match="Triton Taylor kernel"):
+        add_taylor_branch(q, k, v, plan, exact.float(), lse.float(), kernel=True)

@@ -305,6 +305,26 @@ def test_taylor_branch_on_cuda_matches_the_cpu(backend):
     assert (out.float().cpu() - ref).abs().max().item() < 3e-2
 
 
+@pytest.mark.parametrize("dim", [64, 128])
+def test_taylor_kernel_matches_the_torch_tail_on_cuda(dim):
+    """The Triton per-query kernel of the Taylor tail (bf16) = the torch path on the same plan."""
+    from pasa.approximate import add_taylor_branch
+
+    grid, text = CASES[0]
+    q, k, v = _inputs(grid, text, torch.bfloat16, dim=dim)
+    layout = make_layout(grid, num_text_tokens=text, device="cuda")
+    qt, kt, vt = (layout.to_blocks(t) for t in (q, k, v))
+    config = pasa.PASAConfig(density=0.3, backend="flex", approximate=False)
+    out, lse, plan = pasa.sparse_attention(
+        qt, kt, vt, grid=grid, config=config, num_text_tokens=text, tiled=True, return_lse=True,
+        return_plan=True,
+    )  # fmt: skip
+    want, want_lse = add_taylor_branch(qt, kt, vt, plan, out, lse, kernel=False)
+    got, got_lse = add_taylor_branch(qt, kt, vt, plan, out, lse, kernel=True)
+    assert (got - want).abs().max().item() < 2e-2
+    assert (got_lse - want_lse).abs().max().item() < 2e-2
+
+
 def test_flex_no_recompile_on_new_plan():
     import torch._dynamo.utils as dyn_utils
 

@@ -75,6 +75,7 @@ def add_taylor_branch(
     lse: torch.Tensor,
     *,
     scale: float | None = None,
+    kernel: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge a second-order Taylor estimate of attention over the unselected blocks.
 
@@ -96,7 +97,14 @@ def add_taylor_branch(
     centred on their head's mean, so the sums carry no large common part; ``qᵀCq`` and ``qᵀX``
     are taken as ``qᵀ(Σkkᵀ)q − n(q·k̄)²`` and ``qᵀ(Σkvᵀ) − n(q·k̄)v̄``, never forming ``C``.
 
-    Args and returns as :func:`add_approximate_branch`.
+    The per-query part can run as one Triton kernel (``pasa/kernels/taylor_triton.py``, CUDA,
+    half precision, a power-of-two head size from 16 to 256): ``kernel=True``. It matches the
+    torch path in Triton's interpreter on the CPU but has not run on a GPU yet, so the default
+    (``kernel=None``) is the torch path until a GPU run has held the two together and timed them
+    (``tests/test_gpu_backends.py``, ``benchmarks/approximate_cost.py``).
+
+    Args and returns as :func:`add_approximate_branch`; ``kernel`` as above (True where the kernel
+    does not apply raises ValueError).
     """
     batch, seq, heads, dim = q.shape
     bs = plan.layout.block_size
@@ -114,16 +122,28 @@ def add_taylor_branch(
         x = x.to(dtype).transpose(1, 2).flatten(0, 1)
         return torch.nn.functional.pad(x, (0, 0, 0, pad)).unflatten(1, (nk, bs))
 
-    qa, ka, va = by_head(q), by_head(k), by_head(v)
+    if kernel is None:
+        kernel = False  # see the docstring: the kernel is opt-in until it has run on a GPU
+    elif kernel and not _taylor_kernel_applies(q, out):
+        raise ValueError(
+            "the Triton Taylor kernel needs a power-of-two head size from 16 to 256, contiguous "
+            f"last dimensions and Triton (got head size {dim}, q on {q.device})"
+        )
+    ka, va = by_head(k), by_head(v)
+    qa = None if kernel else by_head(q)
     groups = batch * heads
-    merged_out = torch.empty(groups, seq, dim, dtype=torch.float32, device=q.device)
-    merged_out.view(batch, heads, seq, dim).copy_(out.transpose(1, 2))  # the caller's stays
-    out = merged_out  # (G, S, D)
-    lse = lse.flatten(0, 1).clone()  # (G, S)
+    if kernel:
+        from pasa.kernels.taylor_triton import taylor_merge
+
+        result = torch.empty(batch, seq, heads, dim, dtype=torch.float32, device=q.device)
+        result_lse = torch.empty(batch, heads, seq, dtype=torch.float32, device=q.device)
+    else:
+        result = torch.empty(groups, seq, dim, dtype=torch.float32, device=q.device)
+        result.view(batch, heads, seq, dim).copy_(out.transpose(1, 2))  # the caller's stays
+        result_lse = lse.flatten(0, 1).clone()  # (G, S)
     step = max(1, _CHUNK_ELEMENTS // (nk * dim * dim))
     for g0 in range(0, groups, step):
         g1 = min(groups, g0 + step)
-        qb = qa[g0:g1]  # (g, Nk, bs, D)
         # Keys and values centred on their head's mean; the padding stays zero.
         k_centre = ka[g0:g1].sum((1, 2), dtype=torch.float32) / seq  # (g, D)
         v_centre = va[g0:g1].sum((1, 2), dtype=torch.float32) / seq
@@ -142,6 +162,12 @@ def add_taylor_branch(
         u = un.to(dtype)
         row_kk = (u @ (kb.transpose(-1, -2) @ kb).flatten(-2)).unflatten(-1, (dim, dim))
         row_kv = (u @ (kb.transpose(-1, -2) @ vb).flatten(-2)).unflatten(-1, (dim, dim))
+        if kernel:
+            moments = (row_kk, row_kv, k_mean, v_mean, k_centre, v_centre, n)
+            taylor_merge(q, out, lse, moments, g0, block_size=bs, scale=scale, res=result,
+                         res_lse=result_lse)  # fmt: skip
+            continue
+        qb = qa[g0:g1]  # (g, Nk, bs, D)
         # q·k̄ (centred) and q·(k̄ + centre) in fp32: (g, Nq, bs, 2).
         q_means = qb.float() @ torch.stack((k_mean, k_mean + k_centre[:, None]), -1)
         q_kmean, centre = q_means[..., 0], scale * q_means[..., 1]
@@ -154,8 +180,30 @@ def add_taylor_branch(
         tail = (qb @ row_kv).float().mul_(coef)
         tail.addcmul_(coef * n[..., None, None] * q_kmean[..., None], v_mean[:, :, None], value=-1)
         tail.add_((v_centre[:, None] + v_mean)[:, :, None])
-        merged = torch.logaddexp(lse[g0:g1], tail_lse)
-        out[g0:g1].lerp_(tail.flatten(1, 2)[:, :seq], torch.exp(tail_lse - merged).unsqueeze(-1))
-        lse[g0:g1] = merged
-    out = out.unflatten(0, (batch, heads)).transpose(1, 2)
-    return out, lse.unflatten(0, (batch, heads))
+        merged = torch.logaddexp(result_lse[g0:g1], tail_lse)
+        result[g0:g1].lerp_(tail.flatten(1, 2)[:, :seq], torch.exp(tail_lse - merged).unsqueeze(-1))
+        result_lse[g0:g1] = merged
+    if kernel:
+        return result, result_lse
+    out = result.unflatten(0, (batch, heads)).transpose(1, 2)
+    return out, result_lse.unflatten(0, (batch, heads))
+
+
+def _taylor_kernel_applies(q: torch.Tensor, out: torch.Tensor) -> bool:
+    """The Triton per-query kernel can run on these inputs: a power-of-two head size from 16 to
+    256, the last dimension contiguous, Triton importable (on the CPU only under its
+    interpreter, ``TRITON_INTERPRET=1``)."""
+    import os
+
+    dim = q.shape[-1]
+    if dim & (dim - 1) or not 16 <= dim <= 256:
+        return False
+    if any(t.stride(-1) != 1 for t in (q, out)):
+        return False
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
