@@ -7,6 +7,7 @@ import json
 import platform
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,52 @@ def sparse_attention_replaced(make: Callable[[Callable], Callable]) -> Iterator[
         yield
     finally:
         processors.sparse_attention = original
+
+
+@dataclass
+class HeldOutClip:
+    """The testbed model with one held-out clip's latents and caption embedding
+    (:func:`held_out_clip`); :meth:`model_call` noises the clip to level ``t``."""
+
+    model: Any
+    config: Any
+    latents: torch.Tensor
+    text: torch.Tensor
+    caption: str
+    generator: torch.Generator
+
+    def model_call(self, t: float) -> dict[str, Any]:
+        """Keyword arguments of one model call on the clip noised to ``t`` (fresh noise from the
+        clip's generator at every call, so the levels of one run differ in noise)."""
+        from pasa.testbed.flow import NUM_TRAIN_TIMESTEPS, noisy_input
+
+        device = self.latents.device
+        dtype = next(self.model.parameters()).dtype
+        noise = torch.randn(self.latents.shape, generator=self.generator).to(device)
+        tt = torch.full((1,), float(t), device=device)
+        x_t, _ = noisy_input(self.latents, noise, tt)
+        return dict(
+            hidden_states=x_t.to(dtype), timestep=tt * NUM_TRAIN_TIMESTEPS,
+            encoder_hidden_states=self.text.to(dtype), return_dict=False,
+        )  # fmt: skip
+
+
+def held_out_clip(checkpoint: Any, clip: int, device: torch.device) -> HeldOutClip:
+    """The testbed checkpoint at ``checkpoint`` and held-out clip ``clip`` of the evaluation
+    stream (noise generator seeded with ``clip``)."""
+    from pasa.eval.generate import EVAL_DATA_SEED, load_model
+    from pasa.testbed.data import make_batch
+    from pasa.testbed.model import pixels_to_latents
+
+    model, config, _ = load_model(checkpoint, device)
+    pixels, captions = make_batch(
+        [clip], data_seed=EVAL_DATA_SEED, frames=config.frames, height=config.height,
+        width=config.width, device=device,
+    )  # fmt: skip
+    latents = pixels_to_latents(pixels, config.pixel_factor)
+    text, _ = config.text_encoder()(captions, device=device)
+    generator = torch.Generator().manual_seed(clip)
+    return HeldOutClip(model, config, latents, text, captions[0], generator)
 
 
 def testbed_header(benchmark: str, args: Any, device: torch.device) -> dict[str, Any]:

@@ -27,13 +27,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _diffusers_common import save_testbed_report
+from _diffusers_common import held_out_clip, save_testbed_report
 
-from pasa.eval.generate import EVAL_DATA_SEED, load_model, resolve_device
+from pasa.eval.generate import resolve_device
 from pasa.integrations.diffusers.processors import wan_rotary
-from pasa.testbed.data import make_batch
-from pasa.testbed.flow import NUM_TRAIN_TIMESTEPS, noisy_input
-from pasa.testbed.model import DEFAULT_CHECKPOINT, pixels_to_latents
+from pasa.testbed.model import DEFAULT_CHECKPOINT
 
 
 class _HeadOutputs:
@@ -74,15 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="JSON report")
     args = ap.parse_args(argv)
     device = resolve_device(args.device)
-    model, config, _ = load_model(args.checkpoint, device)
-    pixels, captions = make_batch(
-        [args.clip], data_seed=EVAL_DATA_SEED, frames=config.frames, height=config.height,
-        width=config.width, device=device,
-    )  # fmt: skip
-    latents = pixels_to_latents(pixels, config.pixel_factor)
-    text, _ = config.text_encoder()(captions, device=device)
-    dtype = next(model.parameters()).dtype
-    gen = torch.Generator().manual_seed(args.clip)
+    clip = held_out_clip(args.checkpoint, args.clip, device)
+    model = clip.model
     sink: list = []
     stock = [block.attn1.processor for block in model.blocks]
     for block, proc in zip(model.blocks, stock, strict=True):
@@ -92,11 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for t in args.times:
             sink.clear()
-            noise = torch.randn(latents.shape, generator=gen).to(device)
-            tt = torch.full((1,), float(t), device=device)
-            x_t, _ = noisy_input(latents, noise, tt)
-            model(hidden_states=x_t.to(dtype), timestep=tt * NUM_TRAIN_TIMESTEPS,
-                  encoder_hidden_states=text.to(dtype), return_dict=False)  # fmt: skip
+            model(**clip.model_call(t))
             rows.append({"t": t, "layers": [list(layer) for layer in sink]})
             print(f"t = {t}: (share, varying) per head, layer by layer", flush=True)
             for i, layer in enumerate(sink):
@@ -105,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for block, proc in zip(model.blocks, stock, strict=True):
             block.attn1.set_processor(proc)
-    save_testbed_report("head_outputs", args, device, start, caption=captions[0], rows=rows)
+    save_testbed_report("head_outputs", args, device, start, caption=clip.caption, rows=rows)
     return 0
 
 

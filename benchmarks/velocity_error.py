@@ -22,13 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _diffusers_common import save_testbed_report, sparse_attention_replaced
+from _diffusers_common import held_out_clip, save_testbed_report, sparse_attention_replaced
 
 import pasa
-from pasa.eval.generate import EVAL_DATA_SEED, load_model, resolve_device
-from pasa.testbed.data import make_batch
-from pasa.testbed.flow import NUM_TRAIN_TIMESTEPS, noisy_input
-from pasa.testbed.model import DEFAULT_CHECKPOINT, pixels_to_latents
+from pasa.eval.generate import resolve_device
+from pasa.testbed.model import DEFAULT_CHECKPOINT
 
 
 def variants(density: float) -> dict[str, pasa.PASAConfig]:
@@ -74,26 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="JSON report")
     args = ap.parse_args(argv)
     device = resolve_device(args.device)
-    model, config, _ = load_model(args.checkpoint, device)
-    pixels, captions = make_batch(
-        [args.clip], data_seed=EVAL_DATA_SEED, frames=config.frames, height=config.height,
-        width=config.width, device=device,
-    )  # fmt: skip
-    latents = pixels_to_latents(pixels, config.pixel_factor)
-    text, _ = config.text_encoder()(captions, device=device)
-    dtype = next(model.parameters()).dtype
-    gen = torch.Generator().manual_seed(args.clip)
+    clip = held_out_clip(args.checkpoint, args.clip, device)
+    model, config = clip.model, clip.config
     start = time.monotonic()
     configs = {n: c for n, c in variants(args.density).items() if n in args.variants}
     rows = []
     for t in args.times:
-        noise = torch.randn(latents.shape, generator=gen).to(device)
-        tt = torch.full((1,), float(t), device=device)
-        x_t, _ = noisy_input(latents, noise, tt)
-        call = dict(
-            hidden_states=x_t.to(dtype), timestep=tt * NUM_TRAIN_TIMESTEPS,
-            encoder_hidden_states=text.to(dtype), return_dict=False,
-        )  # fmt: skip
+        call = clip.model_call(t)
         dense = model(**call)[0].float()
         for layer in range(config.num_layers) if args.one_layer else [None]:
             row: dict = {"t": t} if layer is None else {"t": t, "sparse_layer": layer}
@@ -110,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"t = {t}{where}: velocity error against dense " + ", ".join(
                 f"{k} {v:.4f}" for k, v in row.items() if k not in ("t", "sparse_layer")),
                 flush=True)  # fmt: skip
-    save_testbed_report("velocity_error", args, device, start, caption=captions[0], rows=rows)
+    save_testbed_report("velocity_error", args, device, start, caption=clip.caption, rows=rows)
     return 0
 
 
