@@ -210,7 +210,9 @@ def run_scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
     inputs = make_inputs(s, device, dtype, timestep=900.0)
     measure = timer(device)
     small = s.config["num_attention_heads"] * s.config["attention_head_dim"] < 256
-    blocks = dict(block_size=16, group_size=8) if small else {}  # toy grids need small blocks
+    # PASAConfig keywords of every PASA variant: toy grids need small blocks.
+    pasa_kw = dict(block_size=16, group_size=8) if small else {}
+    pasa_kw["approximate"] = APPROXIMATE[args.approximate]
 
     @torch.no_grad()
     def step() -> None:
@@ -257,9 +259,8 @@ def run_scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 results[name_] = timed()
         elif variant.startswith("pasa-0"):
             config = pasa.PASAConfig(
-                density=float(variant.split("-")[1]), backend=args.backend,
-                approximate=APPROXIMATE[args.approximate], **blocks,
-            )  # fmt: skip
+                density=float(variant.split("-")[1]), backend=args.backend, **pasa_kw
+            )
             state = pasa.apply(model, config)
             plans: dict[int, Any] = {}
             state.on_plan = lambda _s, layer, _h, plan, plans=plans: plans.setdefault(layer, plan)
@@ -274,7 +275,7 @@ def run_scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
             state.finish()
             pasa.remove(model)
         elif variant == "pasa-online":
-            results[name_] = online_schedule(model, s, inputs, device, args, blocks, measure)
+            results[name_] = online_schedule(model, s, inputs, device, args, pasa_kw, measure)
     floor = results.get("floor", {}).get("ms")
     cudnn = results.get("cudnn", {}).get("ms")
     cudnn_compiled = results.get("cudnn+compile", {}).get("ms")
@@ -320,7 +321,7 @@ def kernel_ms(plans, s, device, dtype, config, measure) -> float:
     return total * s.cfg_calls
 
 
-def online_schedule(model, s, inputs, device, args, blocks, measure) -> dict[str, Any]:
+def online_schedule(model, s, inputs, device, args, pasa_kw, measure) -> dict[str, Any]:
     """A full Euler flow-matching schedule with the default online budget; mean step time."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -329,8 +330,7 @@ def online_schedule(model, s, inputs, device, args, blocks, measure) -> dict[str
     pipe = types.SimpleNamespace(
         components={"transformer": model, "scheduler": scheduler}, scheduler=scheduler
     )
-    config = pasa.PASAConfig(density=0.15, budget="online", backend=args.backend,
-                             approximate=APPROXIMATE[args.approximate], **blocks)  # fmt: skip
+    config = pasa.PASAConfig(density=0.15, budget="online", backend=args.backend, **pasa_kw)
     state = pasa.apply(pipe, config)
     latent = inputs.calls[0]["hidden_states"].clone()
 

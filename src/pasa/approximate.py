@@ -75,7 +75,7 @@ def add_taylor_branch(
     lse: torch.Tensor,
     *,
     scale: float | None = None,
-    kernel: bool | None = None,
+    kernel: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge a second-order Taylor estimate of attention over the unselected blocks.
 
@@ -100,7 +100,7 @@ def add_taylor_branch(
     The per-query part can run as one Triton kernel (``pasa/kernels/taylor_triton.py``, CUDA,
     half precision, a power-of-two head size from 16 to 256): ``kernel=True``. It matches the
     torch path in Triton's interpreter on the CPU but has not run on a GPU yet, so the default
-    (``kernel=None``) is the torch path until a GPU run has held the two together and timed them
+    (``kernel=False``) is the torch path until a GPU run has held the two together and timed them
     (``tests/test_gpu_backends.py``, ``benchmarks/approximate_cost.py``).
 
     Args and returns as :func:`add_approximate_branch`; ``kernel`` as above (True where the kernel
@@ -122,9 +122,7 @@ def add_taylor_branch(
         x = x.to(dtype).transpose(1, 2).flatten(0, 1)
         return torch.nn.functional.pad(x, (0, 0, 0, pad)).unflatten(1, (nk, bs))
 
-    if kernel is None:
-        kernel = False  # see the docstring: the kernel is opt-in until it has run on a GPU
-    elif kernel and not _taylor_kernel_applies(q, out):
+    if kernel and not _taylor_kernel_applies(q, out):
         raise ValueError(
             "the Triton Taylor kernel needs a power-of-two head size from 16 to 256, contiguous "
             f"last dimensions and Triton (got head size {dim}, q on {q.device})"

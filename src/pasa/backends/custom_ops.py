@@ -45,8 +45,8 @@ def sparse_attention_op(
     """out ``(B, S, H, D)`` and lse ``(B, H, S)`` fp32 of :func:`pasa.sparse_attention`.
 
     The config travels as its routing / kernel fields (``tile`` empty: "auto"; ``max_blocks``
-    -1: None; ``approximate`` "" : False); ``density < 0`` means ``config.density``; ``kv_indices`` / ``kv_counts`` a
-    precomputed plan.
+    -1: None; ``approximate`` "": False); ``density < 0`` means ``config.density``;
+    ``kv_indices`` / ``kv_counts`` a precomputed plan.
     """
     from pasa.attention import layout_for, sparse_attention
     from pasa.plan import BlockPlan

@@ -188,15 +188,14 @@ def plot_tradeoff(
         ax.xaxis.set_major_locator(MaxNLocator(4))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("PSNR against dense (dB)")
-    handles, names = [], []
+    legend: dict[str, Any] = {}  # label -> its first handle, in the order first drawn
     for ax in axes[0]:
         for h, n in zip(*ax.get_legend_handles_labels(), strict=True):
-            if n not in names:
-                handles.append(h)
-                names.append(n)
+            legend.setdefault(n, h)
     fig.tight_layout()
-    if handles:
-        fig.legend(handles, names, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 0.95))
+    if legend:
+        fig.legend(list(legend.values()), list(legend), fontsize=7, loc="upper left",
+                   bbox_to_anchor=(1.0, 0.95))  # fmt: skip
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
@@ -261,7 +260,10 @@ def merged_runs(
             raise SystemExit(f"{name}: not a suite results file ({exc!r})") from None
         runs += [r for r in file_runs if r["strategy"] in fresh]
         seen |= fresh
-    return runs if only is None else [r for r in runs if r["strategy"] in set(only)]
+    if only is None:
+        return runs
+    keep = set(only)
+    return [r for r in runs if r["strategy"] in keep]
 
 
 def main(argv: list[str] | None = None) -> int:
