@@ -43,6 +43,9 @@ def test_caption_names_every_object_and_the_camera(index):
     if scene.zoom != "none":
         assert "zooms" in words and scene.zoom in words
     assert scene.background.kind in words and scene.background.color in words
+    first = caption(scene).split(". ")[:2]  # the scene first: count, then camera and background
+    assert first[0] == f"{NUMBERS[len(scene.objects)]} shapes"
+    assert first[1].startswith("the camera ") and "background" in first[1]
     assert ("turns" in words) == (scene.background_to is not None)
 
 

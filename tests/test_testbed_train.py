@@ -228,6 +228,28 @@ def test_init_from_warm_starts_a_new_run_on_other_captions(tmp_path):
         Trainer(_args(tmp_path / "e", "--init-from", str(tmp_path / "nowhere")))
 
 
+def test_init_from_a_checkpoint_file_takes_its_bf16_weights_and_record(tmp_path):
+    old = Trainer(_args(tmp_path / "a", "--total-steps", "2"))
+    old.train_step()
+    old.train_step()
+    ckpt = old.export(tmp_path / "old.safetensors")
+    new = Trainer(_args(tmp_path / "b", "--total-steps", "3", "--init-from", str(ckpt)))
+    assert new.step == 0 and not new.opt.state
+    for e, m, w in zip(old.ema.parameters(), new.model.parameters(), new.ema.parameters(),
+                       strict=True):  # fmt: skip
+        assert torch.equal(m, w) and torch.equal(m, e.to(torch.bfloat16).float())
+    origin = new.own_record["init_from"]
+    assert origin["steps"] == 2 and origin["checkpoint"].startswith("old.safetensors (sha256 ")
+    new.run()
+    assert (
+        load_testbed(new.export(tmp_path / "new.safetensors"))[2]["training"]["init_from"]["steps"]
+        == 2
+    )
+    (tmp_path / "bad.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(StateError, match="unreadable"):
+        Trainer(_args(tmp_path / "c", "--init-from", str(tmp_path / "bad.safetensors")))
+
+
 def test_compact_state_at_step_zero_is_lossless(tmp_path):
     # Nothing lossy at step 0: fp32 weights (the tiny state fits), EMA equal to the weights, no
     # optimizer moments yet; the resumed run then matches an uninterrupted one bit for bit.

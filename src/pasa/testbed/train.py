@@ -36,9 +36,12 @@ from pasa.testbed.data import clip_indices, make_batch
 from pasa.testbed.flow import NUM_TRAIN_TIMESTEPS, noisy_input, sample_time
 from pasa.testbed.model import (
     PRESETS,
+    CheckpointError,
     TestbedConfig,
     build_model,
     count_parameters,
+    describe_checkpoint,
+    load_testbed,
     pixels_to_latents,
     save_testbed,
 )
@@ -103,9 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--init-from",
         default=None,
-        metavar="DIR",
+        metavar="DIR|FILE",
         help="start a new run (step 0, fresh optimizer and warm-up) from the EMA weights of the "
-        "compact state in DIR; the text encoding may differ (a warm start onto new captions)",
+        "compact state in DIR or of a testbed checkpoint (.safetensors); the text encoding may "
+        "differ (a warm start onto new captions)",
     )
     p.add_argument(
         "--state-weights",
@@ -272,36 +276,51 @@ class Trainer:
                 hint = f" (pass --text-context {config.text_context} to continue it)"
             raise StateError(f"{where} was trained with a different config: {asdict(config)}{hint}")
 
-    def _init_from(self, directory: Path) -> None:
-        """Warm start: model and EMA both take the state's EMA weights (its live weights when it
-        has no EMA); step, optimizer, warm-up and log start afresh. The state's own record is
-        kept as ``init_from`` in this run's training record."""
-        tensors, manifest = read_state_parts(directory)
-        self._check_config(manifest.get("config"), directory, any_text_context=True)
-        weights, ema = self._decode_weights(tensors, manifest, directory)
-        source = ema if ema else weights
-        with torch.no_grad():
-            for name, p in self.model.named_parameters():
-                p.copy_(source[name])
-            if self.ema is not None:
-                self.ema.load_state_dict(self.model.state_dict())
-        saved = manifest.get("config") or {}
-        self.own_record = {
-            **self.own_record,
-            "init_from": {
+    def _init_from(self, source: Path) -> None:
+        """Warm start from a compact state's folder or a testbed checkpoint file: model and EMA
+        both take the source's EMA weights (a state's live weights when it has no EMA; a
+        checkpoint holds its run's EMA in bf16); step, optimizer, warm-up and log start afresh.
+        The source's own record is kept as ``init_from`` in this run's training record."""
+        if source.is_file():
+            source_weights, saved, origin = self._checkpoint_source(source)
+        else:
+            tensors, manifest = read_state_parts(source)
+            self._check_config(manifest.get("config"), source, any_text_context=True)
+            weights, ema = self._decode_weights(tensors, manifest, source)
+            source_weights, saved = (ema if ema else weights), manifest.get("config") or {}
+            origin = {
                 "steps": manifest["step"],
                 "samples": manifest["samples"],
                 "train_hours": round(manifest["elapsed_s"] / 3600, 3),
                 "text_context": saved.get("text_context", "none"),
                 "data_seed": manifest.get("rng", {}).get("data_seed"),
                 "trained_by": manifest.get("trained_by"),
-            },
-        }
+            }
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                p.copy_(source_weights[name])
+            if self.ema is not None:
+                self.ema.load_state_dict(self.model.state_dict())
+        self.own_record = {**self.own_record, "init_from": origin}
         self.trained_by = self.own_record
         if self.rank == 0:
-            print(f"note: new run initialised from the weights of step {manifest['step']} "
+            print(f"note: new run initialised from the weights of step {origin['steps']} "
                   f"({saved.get('text_context', 'none')} captions -> "
                   f"{self.config.text_context})")  # fmt: skip
+
+    def _checkpoint_source(self, path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
+        """A testbed checkpoint's weights (fp32), config dict and record, for :meth:`_init_from`."""
+        try:
+            model, config, record = load_testbed(path)
+        except CheckpointError as exc:
+            raise StateError(str(exc)) from exc
+        saved = asdict(config)
+        self._check_config(saved, path, any_text_context=True)
+        training = dict(record.get("training") or {})
+        origin = {"checkpoint": describe_checkpoint(path), **training}
+        origin.setdefault("steps", None)
+        origin["text_context"] = saved["text_context"]
+        return dict(model.named_parameters()), saved, origin
 
     def _decode_weights(
         self, tensors: dict[str, torch.Tensor], manifest: dict, directory: Path
