@@ -75,7 +75,7 @@ def add_taylor_branch(
     lse: torch.Tensor,
     *,
     scale: float | None = None,
-    kernel: bool = False,
+    kernel: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge a second-order Taylor estimate of attention over the unselected blocks.
 
@@ -97,14 +97,15 @@ def add_taylor_branch(
     centred on their head's mean, so the sums carry no large common part; ``qᵀCq`` and ``qᵀX``
     are taken as ``qᵀ(Σkkᵀ)q − n(q·k̄)²`` and ``qᵀ(Σkvᵀ) − n(q·k̄)v̄``, never forming ``C``.
 
-    The per-query part can run as one Triton kernel (``pasa/kernels/taylor_triton.py``, CUDA,
-    half precision, a power-of-two head size from 16 to 256): ``kernel=True``. It matches the
-    torch path in Triton's interpreter on the CPU but has not run on a GPU yet, so the default
-    (``kernel=False``) is the torch path until a GPU run has held the two together and timed them
-    (``tests/test_gpu_backends.py``, ``benchmarks/approximate_cost.py``).
+    The per-query part runs as one Triton kernel (``pasa/kernels/taylor_triton.py``) on CUDA
+    for half-precision inputs with a power-of-two head size from 16 to 256: it equals the torch
+    path on the H200 (``tests/test_gpu_backends.py``) and takes the branch from 32.6 to 23.0 ms
+    for a Wan2.1-14B 720p call at density 0.1 (``benchmarks/approximate_cost.py``,
+    ``benchmarks/results/approximate-cost-h200-kernel.json``).
 
-    Args and returns as :func:`add_approximate_branch`; ``kernel`` as above (True where the kernel
-    does not apply raises ValueError).
+    Args and returns as :func:`add_approximate_branch`. ``kernel``: None (default) takes the
+    kernel wherever it applies on CUDA with half-precision inputs, else the torch path; False
+    always the torch path; True the kernel or ValueError where it does not apply.
     """
     batch, seq, heads, dim = q.shape
     bs = plan.layout.block_size
@@ -122,6 +123,8 @@ def add_taylor_branch(
         x = x.to(dtype).transpose(1, 2).flatten(0, 1)
         return torch.nn.functional.pad(x, (0, 0, 0, pad)).unflatten(1, (nk, bs))
 
+    if kernel is None:
+        kernel = q.is_cuda and half and _taylor_kernel_applies(q, out)
     if kernel and not _taylor_kernel_applies(q, out):
         raise ValueError(
             "the Triton Taylor kernel needs a power-of-two head size from 16 to 256, contiguous "
