@@ -1,0 +1,137 @@
+"""Where does a testbed training step's time go: rendering the clips, encoding the captions, or
+the model (forward, backward, optimizer, EMA)?
+
+One process, one device, the trainer of ``pasa.testbed.train`` with the arguments given (its
+defaults: the testbed, 256 and 128 px clips 1:3, 4 clips a step at 256). For each clip size it
+times ``--steps`` steps after ``--warmup``: the batch alone (scenes, rendering, captions, latents:
+``Trainer.batch_for``), the captions' encoding alone, and whole training steps; the model's share
+is the difference. CUDA is synchronised around every timed part.
+
+    PYTHONPATH=src python benchmarks/train_step_profile.py --out benchmarks/results/train-step-profile-h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _diffusers_common import git_commit, nvidia_driver
+
+from pasa.testbed.train import Trainer, _step_size, build_parser
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def profile(trainer: Trainer, steps: int, warmup: int) -> list[dict]:
+    """Median milliseconds of the batch, the captions and the whole step, per clip size."""
+    from pasa.testbed.data import make_batch
+
+    args, device = trainer.args, trainer.device
+    by_size: dict[int, list[int]] = {}
+    step = 0
+    while any(len(v) < steps + warmup for v in by_size.values()) or len(by_size) < len(
+        trainer.sizes
+    ):
+        size = _step_size(step, args.seed, trainer.sizes, trainer.size_weights)
+        by_size.setdefault(size, [])
+        if len(by_size[size]) < steps + warmup:
+            by_size[size].append(step)
+        step += 1
+    rows = []
+    for size, chosen in sorted(by_size.items(), reverse=True):
+        batch_ms, text_ms, render_ms, step_ms = [], [], [], []
+        for i, s in enumerate(chosen):
+            b = _timed(lambda s=s: trainer.batch_for(s), device)
+            batch = args.batch_size * (max(trainer.sizes) // size) ** 2
+            indices = list(range(s * batch, (s + 1) * batch))
+            captions: list[str] = []
+
+            def render(indices=indices, captions=captions, size=size):
+                _, caps = make_batch(indices, data_seed=args.data_seed, frames=trainer.config.frames,
+                                     height=size, width=size, device=device,
+                                     supersample=max(trainer.sizes) // size)  # fmt: skip
+                captions.extend(caps)
+
+            r = _timed(render, device)
+            t = _timed(lambda captions=captions: trainer.text(captions, device=device), device)
+            trainer.step = s
+            w = _timed(trainer.train_step, device)
+            if i >= warmup:
+                batch_ms.append(b)
+                render_ms.append(r)
+                text_ms.append(t)
+                step_ms.append(w)
+        med = statistics.median
+        rows.append({
+            "size": size,
+            "clips_per_step": args.batch_size * (max(trainer.sizes) // size) ** 2,
+            "steps_timed": len(step_ms),
+            "step_ms": round(med(step_ms), 2),
+            "batch_ms": round(med(batch_ms), 2),
+            "render_ms": round(med(render_ms), 2),
+            "captions_ms": round(med(text_ms), 2),
+            "model_ms": round(med(step_ms) - med(batch_ms), 2),
+        })  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=12, help="timed steps per clip size")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--out", type=Path, default=None)
+    own, rest = p.parse_known_args(argv)
+    train_args = build_parser().parse_args(
+        ["--out", "/tmp/pasa-train-profile", "--sizes", "256,128", "--size-weights", "1,3", *rest]
+    )
+    trainer = Trainer(train_args)
+    rows = profile(trainer, own.steps, own.warmup)
+    device = trainer.device
+    record = {
+        "benchmark": "train_step_profile",
+        "environment": {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "driver": nvidia_driver() if device.type == "cuda" else None,
+            "torch": torch.__version__,
+        },
+        "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "settings": {
+            "steps": own.steps,
+            "warmup": own.warmup,
+            "train_args": rest,
+            "sizes": trainer.sizes,
+            "size_weights": trainer.size_weights,
+            "batch_size": train_args.batch_size,
+        },
+        "rows": rows,
+    }
+    if own.out:
+        own.out.parent.mkdir(parents=True, exist_ok=True)
+        own.out.write_text(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
