@@ -58,6 +58,20 @@ def word_vector(word: str, dim: int) -> tuple[float, ...]:
     return tuple(v / rms for v in values)
 
 
+@lru_cache(maxsize=1 << 16)
+def _word_tensor(word: str, dim: int) -> torch.Tensor:
+    """:func:`word_vector` as a float32 tensor, cached: a training step encodes hundreds of
+    captions' words and bigrams, most of them seen before (about 256 bytes an entry)."""
+    return torch.tensor(word_vector(word, dim))
+
+
+def _word_tensors(words: list[str], dim: int) -> torch.Tensor:
+    """``(len(words), dim)`` float32 vectors of ``words``."""
+    if not words:
+        return torch.zeros(0, dim)
+    return torch.stack([_word_tensor(w, dim) for w in words])
+
+
 def position_codes(length: int, dim: int) -> torch.Tensor:
     """``(length, dim)`` sinusoidal position code with RMS ``_POSITION_RMS``."""
     pos = torch.arange(length, dtype=torch.float64).unsqueeze(1)
@@ -98,7 +112,7 @@ class HashedTextEncoder:
                 words = words[: self.max_tokens]
             if not words:
                 continue
-            vectors = torch.tensor([word_vector(w, self.dim) for w in words])  # (n, dim)
+            vectors = _word_tensors(words, self.dim)  # (n, dim)
             if self.context == "bigram":
                 vectors = self._with_bigrams(words, vectors)
             out[b, : len(words)] = vectors + self._positions[: len(words)]
@@ -108,7 +122,7 @@ class HashedTextEncoder:
     def _with_bigrams(self, words: list[str], vectors: torch.Tensor) -> torch.Tensor:
         """Each word's vector plus those of its bigrams with its neighbours, unit RMS again."""
         pairs = [f"{a} {b}" for a, b in pairwise(words)]
-        pair_vectors = torch.tensor([word_vector(p, self.dim) for p in pairs]).view(-1, self.dim)
+        pair_vectors = _word_tensors(pairs, self.dim)
         mixed = vectors.clone()
         mixed[1:] += pair_vectors  # the bigram with the word before
         mixed[:-1] += pair_vectors  # the bigram with the word after
