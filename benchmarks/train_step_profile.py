@@ -69,7 +69,8 @@ def profile(trainer: Trainer, steps: int, warmup: int) -> list[dict]:
             def render(indices=indices, captions=captions, size=size):
                 _, caps = make_batch(indices, data_seed=args.data_seed, frames=trainer.config.frames,
                                      height=size, width=size, device=device,
-                                     supersample=max(trainer.sizes) // size)  # fmt: skip
+                                     supersample=max(trainer.sizes) // size,
+                                     caption_order=trainer.config.caption_order)  # fmt: skip
                 captions.extend(caps)
 
             r = _timed(render, device)

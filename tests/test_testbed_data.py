@@ -46,6 +46,13 @@ def test_caption_names_every_object_and_the_camera(index):
     first = caption(scene).split(". ")[:2]  # the scene first: count, then camera and background
     assert first[0] == f"{NUMBERS[len(scene.objects)]} shapes"
     assert first[1].startswith("the camera ") and "background" in first[1]
+    objects_first = caption(scene, "objects_first")  # the shipped checkpoint's captions
+    assert objects_first.startswith("a ") and objects_first.endswith(first[1].rstrip(".") + ".")
+    assert sorted(objects_first.rstrip(".").split(". ")) == sorted(
+        caption(scene).rstrip(".").split(". ")
+    )
+    with pytest.raises(ValueError, match="caption order must be one of"):
+        caption(scene, "reversed")
     assert ("turns" in words) == (scene.background_to is not None)
 
 

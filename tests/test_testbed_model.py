@@ -74,3 +74,21 @@ def test_text_context_defaults_and_presets():
         TestbedConfig(text_context="bag")
     shipped = TestbedConfig.from_dict(read_record(DEFAULT_CHECKPOINT)["config"])
     assert shipped.text_context == "bigram"  # the shipped checkpoint: warm start onto bigrams
+
+
+def test_caption_order_defaults_presets_and_what_the_evaluation_writes():
+    from pasa.eval.generate import eval_captions
+    from pasa.testbed.model import DEFAULT_CHECKPOINT, TestbedConfig, read_record
+
+    assert TestbedConfig().caption_order == "objects_first"  # configs written before it existed
+    assert TESTBED.caption_order == TINY.caption_order == "scene_first"  # new training runs
+    with pytest.raises(ValueError, match="caption_order must be one of"):
+        TestbedConfig(caption_order="shuffled")
+    shipped = TestbedConfig.from_dict(read_record(DEFAULT_CHECKPOINT)["config"])
+    assert shipped.caption_order == "objects_first"  # as it was trained
+    old = eval_captions(2, order=shipped.caption_order)
+    new = eval_captions(2, order="scene_first")
+    for a, b in zip(old, new, strict=True):
+        assert a.startswith("a ") and "background" in a.split(". ")[-1]
+        assert b.split(". ")[0].endswith(" shapes")
+        assert sorted(a.rstrip(".").split(". ")) == sorted(b.rstrip(".").split(". "))

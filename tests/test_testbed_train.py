@@ -8,6 +8,7 @@ import statistics
 import pytest
 import torch
 
+from pasa.testbed.data import clip_indices, make_batch
 from pasa.testbed.model import TESTBED, TINY, build_model, count_parameters, load_testbed
 from pasa.testbed.sample import sample
 from pasa.testbed.state import (
@@ -195,6 +196,25 @@ def test_state_of_another_text_context_is_refused_with_the_flag_to_continue_it(t
     again = Trainer(_args(tmp_path / "c", "--text-context", "none", "--resume-from",
                           str(tmp_path / "state")))  # fmt: skip
     assert again.step == 1 and again.config.text_context == "none"
+
+
+def test_state_of_another_caption_order_is_refused_with_the_flag_to_continue_it(tmp_path):
+    first = Trainer(_args(tmp_path / "a", "--total-steps", "1", "--caption-order",
+                          "objects_first"))  # fmt: skip
+    first.train_step()
+    first.save_compact(tmp_path / "state")
+    with pytest.raises(StateError, match="pass --caption-order objects_first to continue it"):
+        Trainer(_args(tmp_path / "b", "--resume-from", str(tmp_path / "state")))
+    again = Trainer(_args(tmp_path / "c", "--caption-order", "objects_first", "--resume-from",
+                          str(tmp_path / "state")))  # fmt: skip
+    assert again.step == 1 and again.config.caption_order == "objects_first"
+    _, text, batch = again.batch_for(1)  # and its batches' captions are written that way
+    _, captions = make_batch(clip_indices(1, batch_size=batch), data_seed=0, frames=4,
+                             height=32, width=32, caption_order="objects_first")  # fmt: skip
+    assert all(c.startswith("a ") for c in captions)
+    want, _ = again.text(captions)
+    kept = text.flatten(1).abs().sum(1) > 0  # rows not dropped for guidance
+    assert kept.any() and torch.equal(text[kept], want[kept])
 
 
 def test_init_from_warm_starts_a_new_run_on_other_captions(tmp_path):

@@ -87,7 +87,12 @@ def caption_use_report(
     model, config, record = load_testbed(path, device=device)
     frames = frames or config.frames
     pixels, captions = make_batch(
-        range(clips), data_seed=PROBE_DATA_SEED, frames=frames, height=size, width=size
+        range(clips),
+        data_seed=PROBE_DATA_SEED,
+        frames=frames,
+        height=size,
+        width=size,
+        caption_order=config.caption_order,
     )
     x0 = pixels_to_latents(pixels, config.pixel_factor).to(device)
     text, mask = config.text_encoder()(captions, device=device)

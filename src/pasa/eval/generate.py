@@ -24,11 +24,14 @@ EVAL_DATA_SEED = 10_000  # held-out caption stream (training uses data seed 0)
 CALIBRATION_DATA_SEED = 20_000  # the budget profile's calibration caption: in neither stream
 
 
-def eval_captions(count: int, *, data_seed: int = EVAL_DATA_SEED, frames: int = 16) -> list[str]:
-    """Captions of the first ``count`` clips of a stream the trainer never sees."""
+def eval_captions(
+    count: int, *, order: str, data_seed: int = EVAL_DATA_SEED, frames: int = 16
+) -> list[str]:
+    """Captions of the first ``count`` clips of a stream the trainer never sees, written in
+    ``order`` (the model's ``config.caption_order``, as it was trained)."""
     from pasa.testbed.scene import caption, make_scene
 
-    return [caption(make_scene(data_seed, i, frames=frames)) for i in range(count)]
+    return [caption(make_scene(data_seed, i, frames=frames), order) for i in range(count)]
 
 
 def require(*modules: str, command: str) -> None:
@@ -220,7 +223,9 @@ def calibrate_profile(
     (:data:`CALIBRATION_DATA_SEED`), so the strategies that allocate from the profile never see
     the clips they are judged on. Returns the :class:`~pasa.profile.BudgetProfile`.
     """
-    caption = eval_captions(1, data_seed=CALIBRATION_DATA_SEED, frames=frames)[0]
+    caption = eval_captions(
+        1, order=config.caption_order, data_seed=CALIBRATION_DATA_SEED, frames=frames
+    )[0]
     run = generate(
         model, config, caption, seed=seed, num_steps=num_steps, frames=frames, size=size,
         hooks=Hooks(PASAConfig(density=1.0)),

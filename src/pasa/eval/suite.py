@@ -162,7 +162,10 @@ def run_suite(
     checkpoint = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
     model, config, record = load_model(checkpoint, device)
     size, frames = size or config.height, frames or config.frames
-    prompts = eval_captions(captions) if isinstance(captions, int) else list(captions)
+    if isinstance(captions, int):
+        prompts = eval_captions(captions, order=config.caption_order)
+    else:
+        prompts = list(captions)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md = Path(results_md) if results_md is not None else out / "results.md"

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pasa.testbed.scene import (
+    CAPTION_ORDERS,
     COLORS,
     NOISE_CELLS,
     Scene,
@@ -206,8 +207,12 @@ def make_batch(
     width: int = 256,
     device: torch.device | str = "cpu",
     supersample: int = 1,
+    caption_order: str = "scene_first",
 ) -> tuple[torch.Tensor, list[str]]:
-    """Clips ``indices`` of stream ``data_seed``: ``(B, 3, F, H, W)`` in [-1, 1] and captions."""
+    """Clips ``indices`` of stream ``data_seed``: ``(B, 3, F, H, W)`` in [-1, 1] and captions
+    (in ``caption_order``, :func:`pasa.testbed.scene.caption`; a model's is its config's)."""
+    if caption_order not in CAPTION_ORDERS:
+        raise ValueError(f"caption_order must be one of {CAPTION_ORDERS}, got {caption_order!r}")
     scenes = [make_scene(data_seed, int(i), frames=frames) for i in indices]
     clips = [
         render(
@@ -215,7 +220,7 @@ def make_batch(
         )
         for sc in scenes
     ]
-    return torch.stack(clips), [caption(sc) for sc in scenes]
+    return torch.stack(clips), [caption(sc, caption_order) for sc in scenes]
 
 
 def clip_indices(step: int, *, batch_size: int, rank: int = 0, world_size: int = 1) -> list[int]:
@@ -235,6 +240,7 @@ class ProceduralVideos(IterableDataset):
         data_seed: the stream.
         rank, world_size: DDP position (``torch.distributed`` rank and world size).
         start: first clip index of the whole stream (for resuming).
+        caption_order: as :func:`make_batch`.
     """
 
     def __init__(
@@ -248,8 +254,14 @@ class ProceduralVideos(IterableDataset):
         world_size: int = 1,
         start: int = 0,
         supersample: int = 1,
+        caption_order: str = "scene_first",
     ) -> None:
         super().__init__()
+        if caption_order not in CAPTION_ORDERS:
+            raise ValueError(
+                f"caption_order must be one of {CAPTION_ORDERS}, got {caption_order!r}"
+            )
+        self.caption_order = caption_order
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
         self.data_seed, self.rank, self.world_size, self.start = data_seed, rank, world_size, start
@@ -269,5 +281,5 @@ class ProceduralVideos(IterableDataset):
                 width=self.width,
                 supersample=self.supersample,
             )
-            yield clip, caption(scene)
+            yield clip, caption(scene, self.caption_order)
             k += stride

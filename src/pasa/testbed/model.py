@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from pasa.testbed.scene import CAPTION_ORDERS
 from pasa.testbed.text import CONTEXTS, HashedTextEncoder
 
 FORMAT_VERSION = 1
@@ -64,8 +65,15 @@ class TestbedConfig:
     # "none": one hashed vector per word (the shipped checkpoint); "bigram": each word also
     # carries its bigrams with its neighbours (pasa/testbed/text.py), the preset for new runs.
     text_context: str = "none"
+    # How captions are written (pasa/testbed/scene.py's caption()): "objects_first" (the shipped
+    # checkpoint) or "scene_first" (count, camera and background first), the preset for new runs.
+    caption_order: str = "objects_first"
 
     def __post_init__(self) -> None:
+        if self.caption_order not in CAPTION_ORDERS:
+            raise ValueError(
+                f"caption_order must be one of {CAPTION_ORDERS}, got {self.caption_order!r}"
+            )
         if self.text_context not in CONTEXTS:
             raise ValueError(f"text_context must be one of {CONTEXTS}, got {self.text_context!r}")
         step = 2 * self.pixel_factor
@@ -124,11 +132,13 @@ class TestbedConfig:
 
 
 # The shipped model's shape (about 9.6M parameters, 19 MB in bf16; the shipped checkpoint itself
-# has text_context "none") and a tiny one for CPU tests; new training runs use bigram captions.
-TESTBED = TestbedConfig(text_context="bigram")
+# has bigram captions with the objects first) and a tiny one for CPU tests; new training runs use
+# bigram captions with the scene first.
+TESTBED = TestbedConfig(text_context="bigram", caption_order="scene_first")
 TINY = TestbedConfig(
     frames=4, height=32, width=32, pixel_factor=2, num_layers=2, num_heads=2, head_dim=12,
     ffn_dim=48, freq_dim=16, text_dim=8, max_text_tokens=96, text_context="bigram",
+    caption_order="scene_first",
 )  # fmt: skip
 PRESETS = {"testbed": TESTBED, "tiny": TINY}
 

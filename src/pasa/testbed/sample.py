@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     index = {"checkpoint": describe_checkpoint(args.checkpoint), "steps": args.steps,
              "seed": args.seed, "training": record.get("training"), "samples": []}  # fmt: skip
-    for i, caption in enumerate(eval_captions(args.captions)):
+    for i, caption in enumerate(eval_captions(args.captions, order=config.caption_order)):
         result = sample(model, config, caption, seed=args.seed, num_steps=args.steps)
         strip = frame_strip(to_uint8(result.frames), args.every)
         name = f"sample_{i}.png"

@@ -47,6 +47,7 @@ DIRECTIONS = {
 PANS = ("none", "left", "right", "up", "down")
 ZOOMS = ("none", "in", "out")
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+CAPTION_ORDERS = ("objects_first", "scene_first")  # see caption()
 NOISE_CELLS = 24  # value-noise lattice per texture period (a fine, tileable texture)
 
 
@@ -213,19 +214,23 @@ def describe_object(obj: SceneObject) -> str:
     return f"a {what} {act}{spin}"
 
 
-def caption(scene: Scene) -> str:
+def caption(scene: Scene, order: str = "scene_first") -> str:
     """What the clip shows, in words the hashed text encoder sees (lower case, fixed grammar):
-    the count, camera and background first, then the objects front to back.
+    the objects front to back, and the count, camera and background.
 
-    Example: ``"two shapes. the camera pans right and zooms in over a checkered green background
-    that turns yellow. a red striped circle bounces left. a small blue dotted square stays
-    still."``
+    ``order="scene_first"`` (new training runs): the count, camera and background first,
+    ``"two shapes. the camera pans right and zooms in over a checkered green background that
+    turns yellow. a red striped circle bounces left. a small blue dotted square stays still."``;
+    ``"objects_first"`` (the shipped checkpoint): the same sentences with the objects first.
 
-    The scene comes first so that its words (the background's colour above all, what the model
-    needs most from the text at high noise) stand at nearly the same positions in every caption;
-    a small model trained on CPU learned to use whole captions sooner and more that way
-    (``benchmarks/testbed_caption_experiment.py``, variant ``bigram_scene_first``).
+    With the scene first its words (the background's colour above all, what the model needs most
+    from the text at high noise) stand at nearly the same positions in every caption; a small
+    model trained on CPU learned to use whole captions sooner and more that way
+    (``benchmarks/testbed_caption_experiment.py``, variant ``bigram_scene_first``). A checkpoint
+    records its order (``TestbedConfig.caption_order``); evaluate it with the same.
     """
+    if order not in CAPTION_ORDERS:
+        raise ValueError(f"caption order must be one of {CAPTION_ORDERS}, got {order!r}")
     camera = []
     if scene.pan != "none":
         camera.append(f"pans {scene.pan}")
@@ -238,5 +243,5 @@ def caption(scene: Scene) -> str:
         f"{NUMBERS[len(scene.objects)]} shapes. the camera {camera_text} over a "
         f"{bg.kind} {bg.color} background{turn}."
     ]
-    parts += [describe_object(o) + "." for o in reversed(scene.objects)]
-    return " ".join(parts)
+    objects = [describe_object(o) + "." for o in reversed(scene.objects)]
+    return " ".join(parts + objects if order == "scene_first" else objects + parts)

@@ -45,7 +45,7 @@ from pasa.testbed.model import (
     pixels_to_latents,
     save_testbed,
 )
-from pasa.testbed.scene import mix_seed
+from pasa.testbed.scene import CAPTION_ORDERS, mix_seed
 from pasa.testbed.state import (
     BLOCK,
     STATE_BUDGET_BYTES,
@@ -88,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="caption encoding (default: the preset's, 'bigram'; 'none' continues a state "
         "trained before bigram captions, such as the shipped checkpoint's)",
+    )
+    p.add_argument(
+        "--caption-order",
+        choices=CAPTION_ORDERS,
+        default=None,
+        help="how captions are written (default: the preset's, 'scene_first'; 'objects_first' "
+        "continues a state trained before, such as the shipped checkpoint's run)",
     )
     p.add_argument("--resume", action="store_true", help="continue from OUT/state.pt if present")
     p.add_argument(
@@ -215,6 +222,8 @@ class Trainer:
         self.config = PRESETS[args.preset]
         if args.text_context is not None:
             self.config = replace(self.config, text_context=args.text_context)
+        if args.caption_order is not None:
+            self.config = replace(self.config, caption_order=args.caption_order)
         self.sizes, self.size_weights = _parse_sizes(args, self.config)
         self.text = self.config.text_encoder()
         torch.manual_seed(args.seed)  # identical initial weights on every rank
@@ -258,22 +267,24 @@ class Trainer:
             "history": self.history,
         }
 
-    def _check_config(
-        self, saved: dict | None, where: Path, any_text_context: bool = False
-    ) -> None:
-        """Refuse a state trained with another model or text encoding (fields missing from an
-        older state take their defaults: ``text_context`` "none"); ``any_text_context`` accepts
-        another encoding (same shapes)."""
+    def _check_config(self, saved: dict | None, where: Path, any_captions: bool = False) -> None:
+        """Refuse a state trained with another model or captions (fields missing from an older
+        state take their defaults: ``text_context`` "none", ``caption_order`` "objects_first");
+        ``any_captions`` accepts other captions (encoding and order; same shapes)."""
         try:
             config = TestbedConfig.from_dict(saved or {})
         except (TypeError, ValueError) as exc:
             raise StateError(f"{where} holds no usable testbed config ({exc})") from exc
-        if any_text_context:
-            config = replace(config, text_context=self.config.text_context)
+        captions = {"text_context": self.config.text_context,
+                    "caption_order": self.config.caption_order}  # fmt: skip
+        if any_captions:
+            config = replace(config, **captions)
         if config != self.config:
             hint = ""
-            if replace(config, text_context=self.config.text_context) == self.config:
-                hint = f" (pass --text-context {config.text_context} to continue it)"
+            if replace(config, **captions) == self.config:
+                flags = [f"--{k.replace('_', '-')} {getattr(config, k)}" for k, v in
+                         captions.items() if getattr(config, k) != v]  # fmt: skip
+                hint = f" (pass {' '.join(flags)} to continue it)"
             raise StateError(f"{where} was trained with a different config: {asdict(config)}{hint}")
 
     def _init_from(self, source: Path) -> None:
@@ -285,7 +296,7 @@ class Trainer:
             source_weights, saved, origin = self._checkpoint_source(source)
         else:
             tensors, manifest = read_state_parts(source)
-            self._check_config(manifest.get("config"), source, any_text_context=True)
+            self._check_config(manifest.get("config"), source, any_captions=True)
             weights, ema = self._decode_weights(tensors, manifest, source)
             source_weights, saved = (ema if ema else weights), manifest.get("config") or {}
             origin = {
@@ -293,6 +304,7 @@ class Trainer:
                 "samples": manifest["samples"],
                 "train_hours": round(manifest["elapsed_s"] / 3600, 3),
                 "text_context": saved.get("text_context", "none"),
+                "caption_order": saved.get("caption_order", "objects_first"),
                 "data_seed": manifest.get("rng", {}).get("data_seed"),
                 "trained_by": manifest.get("trained_by"),
             }
@@ -304,9 +316,13 @@ class Trainer:
         self.own_record = {**self.own_record, "init_from": origin}
         self.trained_by = self.own_record
         if self.rank == 0:
+            before = (
+                saved.get("text_context", "none"),
+                saved.get("caption_order", "objects_first"),
+            )
             print(f"note: new run initialised from the weights of step {origin['steps']} "
-                  f"({saved.get('text_context', 'none')} captions -> "
-                  f"{self.config.text_context})")  # fmt: skip
+                  f"({' '.join(before)} captions -> {self.config.text_context} "
+                  f"{self.config.caption_order})")  # fmt: skip
 
     def _checkpoint_source(self, path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
         """A testbed checkpoint's weights (fp32), config dict and record, for :meth:`_init_from`."""
@@ -315,11 +331,12 @@ class Trainer:
         except CheckpointError as exc:
             raise StateError(str(exc)) from exc
         saved = asdict(config)
-        self._check_config(saved, path, any_text_context=True)
+        self._check_config(saved, path, any_captions=True)
         training = dict(record.get("training") or {})
         origin = {"checkpoint": describe_checkpoint(path), **training}
         origin.setdefault("steps", None)
         origin["text_context"] = saved["text_context"]
+        origin["caption_order"] = saved["caption_order"]
         return dict(model.named_parameters()), saved, origin
 
     def _decode_weights(
@@ -516,6 +533,7 @@ class Trainer:
             width=size,
             device=self.device,
             supersample=largest // size,
+            caption_order=self.config.caption_order,
         )
         gen = torch.Generator().manual_seed(mix_seed(self.args.seed, step, salt=self.rank + 1))
         drop = torch.rand(batch, generator=gen) < self.args.caption_dropout
