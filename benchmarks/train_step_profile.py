@@ -5,7 +5,9 @@ One process, one device, the trainer of ``pasa.testbed.train`` with the argument
 defaults: the testbed, 256 and 128 px clips 1:3, 4 clips a step at 256). For each clip size it
 times ``--steps`` steps after ``--warmup``: the batch alone (scenes, rendering, captions, latents:
 ``Trainer.batch_for``), the captions' encoding alone, and whole training steps; the model's share
-is the difference. CUDA is synchronised around every timed part.
+is the difference. CUDA is synchronised around every timed part. Then ``--run-steps``
+consecutive steps of the run's own size schedule, without and with the trainer's batch prefetch
+(``BatchPrefetcher``: the next step's clips made in a background thread while this one trains).
 
     PYTHONPATH=src python benchmarks/train_step_profile.py --out benchmarks/results/train-step-profile-h200.json
 """
@@ -97,10 +99,32 @@ def profile(trainer: Trainer, steps: int, warmup: int) -> list[dict]:
     return rows
 
 
+def consecutive(trainer: Trainer, steps: int, prefetch: bool) -> float:
+    """Mean milliseconds a step over ``steps`` consecutive steps of the run's own size schedule,
+    with or without the trainer's batch prefetch (one warm-up step first)."""
+    from pasa.testbed.train import BatchPrefetcher
+
+    device = trainer.device
+    batches = BatchPrefetcher(trainer) if prefetch else None
+    try:
+        trainer.step = 0
+        trainer.train_step(batches.get(0) if batches else None)
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step(batches.get(trainer.step) if batches else None)
+        _sync(device)
+        return (time.perf_counter() - start) * 1e3 / steps
+    finally:
+        if batches is not None:
+            batches.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=12, help="timed steps per clip size")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--run-steps", type=int, default=40, help="consecutive steps, each way")
     p.add_argument("--out", type=Path, default=None)
     own, rest = p.parse_known_args(argv)
     train_args = build_parser().parse_args(
@@ -108,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     trainer = Trainer(train_args)
     rows = profile(trainer, own.steps, own.warmup)
+    run = {
+        "steps": own.run_steps,
+        "step_ms": round(consecutive(trainer, own.run_steps, prefetch=False), 2),
+        "step_ms_prefetched": round(consecutive(trainer, own.run_steps, prefetch=True), 2),
+    }
+    print(json.dumps(run), flush=True)
     device = trainer.device
     record = {
         "benchmark": "train_step_profile",
@@ -127,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             "batch_size": train_args.batch_size,
         },
         "rows": rows,
+        "consecutive_steps": run,
     }
     if own.out:
         own.out.parent.mkdir(parents=True, exist_ok=True)

@@ -324,3 +324,22 @@ def test_lr_decay_over_the_last_steps_only():
     assert lr_at(60, whole) == pytest.approx(whole.lr * 0.55) and lr_at(60, tail) == tail.lr
     assert lr_at(90, tail) == tail.lr and lr_at(100, tail) == pytest.approx(tail.lr * 0.55)
     assert lr_at(110, whole) == lr_at(110, tail) == pytest.approx(whole.lr * 0.1)
+
+
+def test_prefetched_batches_train_exactly_as_batches_made_in_the_step(tmp_path):
+    from pasa.testbed.train import BatchPrefetcher
+
+    plain = Trainer(_args(tmp_path / "a", "--total-steps", "4", "--prefetch", "off"))
+    ahead = Trainer(_args(tmp_path / "b", "--total-steps", "4", "--prefetch", "on"))
+    log_plain, log_ahead = plain.run()["log"], ahead.run()["log"]
+    assert [r["loss"] for r in log_plain] == [r["loss"] for r in log_ahead]
+    for p, q in zip(plain.model.parameters(), ahead.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    batches = BatchPrefetcher(plain)
+    try:
+        for step in (0, 1, 3):  # step 2's prefetched batch is dropped, 3 is made on the spot
+            got, want = batches.get(step), plain.batch_for(step)
+            assert got[2] == want[2] and torch.equal(got[0], want[0])
+            assert torch.equal(got[1], want[1])
+    finally:
+        batches.close()

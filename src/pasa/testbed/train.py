@@ -24,6 +24,7 @@ import json
 import math
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -152,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer")
+    p.add_argument(
+        "--prefetch",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="prepare the next step's clips in a background thread while this step trains "
+        "(auto: on CUDA); the batches are the same either way",
+    )
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     return p
 
@@ -542,10 +550,11 @@ class Trainer:
         latents = pixels_to_latents(pixels, self.config.pixel_factor)
         return latents, text, batch
 
-    def train_step(self) -> float:
-        """One optimizer step; returns the (rank-local) loss."""
+    def train_step(self, prepared: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> float:
+        """One optimizer step on ``prepared`` (this step's :meth:`batch_for`, made now when None);
+        returns the (rank-local) loss."""
         step = self.step
-        latents, text, batch = self.batch_for(step)
+        latents, text, batch = prepared if prepared is not None else self.batch_for(step)
         gen = torch.Generator().manual_seed(mix_seed(self.args.seed, step, salt=1000 + self.rank))
         t = sample_time(
             batch, generator=gen, distribution=self.args.time_dist, shift=self.args.shift
@@ -608,29 +617,88 @@ class Trainer:
             params = count_parameters(self.model)
             bar.write(f"testbed: {params / 1e6:.2f}M params, grid {self.config.token_grid()}, "
                       f"world {self.world}, from step {self.step}")  # fmt: skip
-        while total is None or self.step < total:
-            if self._should_stop(start):
-                break
-            t0 = time.monotonic()
-            losses.append(self.train_step())
-            self.elapsed_s += time.monotonic() - t0
-            bar.update(1)
-            if self.step % args.log_every == 0 or self.step == total:
-                mean = sum(losses) / len(losses)
-                bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr_at(self.step - 1, args):.2e}")
-                row = {"step": self.step, "loss": mean, "samples": self.samples,
-                       "elapsed_s": round(self.elapsed_s, 1)}  # fmt: skip
-                log.append(row)
-                self._log(row)
-                losses = []
-            if time.monotonic() - last_save > args.save_minutes * 60:
-                self.save()
-                last_save = time.monotonic()
+        on_cuda = self.device.type == "cuda"
+        prefetch = args.prefetch == "on" or (args.prefetch == "auto" and on_cuda)
+        batches = BatchPrefetcher(self) if prefetch else None
+        try:
+            while total is None or self.step < total:
+                if self._should_stop(start):
+                    break
+                t0 = time.monotonic()
+                prepared = batches.get(self.step) if batches is not None else None
+                losses.append(self.train_step(prepared))
+                self.elapsed_s += time.monotonic() - t0
+                bar.update(1)
+                if self.step % args.log_every == 0 or self.step == total:
+                    mean = sum(losses) / len(losses)
+                    bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr_at(self.step - 1, args):.2e}")
+                    row = {"step": self.step, "loss": mean, "samples": self.samples,
+                           "elapsed_s": round(self.elapsed_s, 1)}  # fmt: skip
+                    log.append(row)
+                    self._log(row)
+                    losses = []
+                if time.monotonic() - last_save > args.save_minutes * 60:
+                    self.save()
+                    last_save = time.monotonic()
+        finally:
+            if batches is not None:
+                batches.close()
         bar.close()
         self.save()
         if self.rank == 0 and args.export:
             self.export(args.export)
         return {"step": self.step, "samples": self.samples, "log": log}
+
+
+class BatchPrefetcher:
+    """Makes step ``s + 1``'s batch in a background thread while step ``s`` trains.
+
+    A step's batch is a pure function of the step (counter-keyed draws, ``Trainer.batch_for``),
+    so prefetching changes when it is made, never what it holds. On CUDA the thread works on a
+    stream of its own; the training stream waits for it through an event, and the batch's tensors
+    are recorded on the training stream so that the allocator keeps them until that stream is
+    done with them. Rendering and caption hashing are mostly Python and small kernels: they run
+    while the training thread waits for the GPU.
+    """
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.device = trainer.device
+        cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if cuda else None
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="pasa-batch")
+        self.pending: tuple[int, Future] | None = None
+
+    def _make(self, step: int):
+        if self.stream is None:
+            return self.trainer.batch_for(step), None
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            prepared = self.trainer.batch_for(step)
+            ready = torch.cuda.Event()
+            ready.record(self.stream)
+        return prepared, ready
+
+    def get(self, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Step ``step``'s batch (made now unless it was prefetched); starts on ``step + 1``'s."""
+        if self.pending is not None and self.pending[0] == step:
+            prepared, ready = self.pending[1].result()
+        else:
+            if self.pending is not None:
+                self.pending[1].result()  # a step was skipped: drop that batch
+            prepared, ready = self._make(step)
+        self.pending = (step + 1, self.pool.submit(self._make, step + 1))
+        if ready is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(ready)
+            for tensor in prepared[:2]:
+                tensor.record_stream(current)
+        return prepared
+
+    def close(self) -> None:
+        """Wait for the batch in flight (its result is not needed) and stop the thread."""
+        if self.pending is not None:
+            self.pending[1].cancel() or self.pending[1].exception()
+        self.pool.shutdown(wait=True)
 
 
 def main(argv: list[str] | None = None) -> int:
