@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _diffusers_common import git_commit, nvidia_driver
+from _diffusers_common import git_commit, nvidia_driver, write_json
 
 from pasa.testbed.train import Trainer, _step_size, build_parser
 
@@ -160,8 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         "consecutive_steps": run,
     }
     if own.out:
-        own.out.parent.mkdir(parents=True, exist_ok=True)
-        own.out.write_text(json.dumps(record, indent=2) + "\n")
+        write_json(record, own.out)
     return 0
 
 

@@ -187,28 +187,27 @@ def test_compact_resume_continues(tmp_path):
     assert max(abs(a - b) for a, b in zip(resumed, losses[k:], strict=True)) < noise / 1000
 
 
-def test_state_of_another_text_context_is_refused_with_the_flag_to_continue_it(tmp_path):
-    first = Trainer(_args(tmp_path / "a", "--total-steps", "1", "--text-context", "none"))
+@pytest.mark.parametrize(
+    ("flag", "value", "field"),
+    [
+        ("--text-context", "none", "text_context"),
+        ("--caption-order", "objects_first", "caption_order"),
+    ],
+)
+def test_state_of_other_captions_is_refused_with_the_flag_to_continue_it(tmp_path, flag, value,
+                                                                         field):  # fmt: skip
+    first = Trainer(_args(tmp_path / "a", "--total-steps", "1", flag, value))
     first.train_step()
     first.save_compact(tmp_path / "state")
-    with pytest.raises(StateError, match="pass --text-context none to continue it"):
+    with pytest.raises(StateError, match=f"pass {flag} {value} to continue it"):
         Trainer(_args(tmp_path / "b", "--resume-from", str(tmp_path / "state")))
-    again = Trainer(_args(tmp_path / "c", "--text-context", "none", "--resume-from",
-                          str(tmp_path / "state")))  # fmt: skip
-    assert again.step == 1 and again.config.text_context == "none"
+    again = Trainer(_args(tmp_path / "c", flag, value, "--resume-from", str(tmp_path / "state")))
+    assert again.step == 1 and getattr(again.config, field) == value
 
 
-def test_state_of_another_caption_order_is_refused_with_the_flag_to_continue_it(tmp_path):
-    first = Trainer(_args(tmp_path / "a", "--total-steps", "1", "--caption-order",
-                          "objects_first"))  # fmt: skip
-    first.train_step()
-    first.save_compact(tmp_path / "state")
-    with pytest.raises(StateError, match="pass --caption-order objects_first to continue it"):
-        Trainer(_args(tmp_path / "b", "--resume-from", str(tmp_path / "state")))
-    again = Trainer(_args(tmp_path / "c", "--caption-order", "objects_first", "--resume-from",
-                          str(tmp_path / "state")))  # fmt: skip
-    assert again.step == 1 and again.config.caption_order == "objects_first"
-    _, text, batch = again.batch_for(1)  # and its batches' captions are written that way
+def test_a_run_of_objects_first_captions_trains_on_them(tmp_path):
+    again = Trainer(_args(tmp_path / "c", "--caption-order", "objects_first"))
+    _, text, batch = again.batch_for(1)
     _, captions = make_batch(clip_indices(1, batch_size=batch), data_seed=0, frames=4,
                              height=32, width=32, caption_order="objects_first")  # fmt: skip
     assert all(c.startswith("a ") for c in captions)

@@ -118,6 +118,7 @@ def caption_use_report(
         "checkpoint": describe_checkpoint(path),
         "training steps": (record.get("training") or {}).get("steps"),
         "text_context": config.text_context,
+        "caption_order": config.caption_order,
         "clips": clips,
         "clip": f"{frames} frames x {size} x {size}",
         "data_seed": PROBE_DATA_SEED,
