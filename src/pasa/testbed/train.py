@@ -695,9 +695,10 @@ class BatchPrefetcher:
         return prepared
 
     def close(self) -> None:
-        """Wait for the batch in flight (its result is not needed) and stop the thread."""
-        if self.pending is not None:
-            self.pending[1].cancel() or self.pending[1].exception()
+        """Stop the thread; a batch still being made is finished and dropped, its errors too
+        (nothing will train on it)."""
+        if self.pending is not None and not self.pending[1].cancel():
+            self.pending[1].exception()  # waits; an error there concerns no step that ran
         self.pool.shutdown(wait=True)
 
 
