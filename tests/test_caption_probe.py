@@ -19,6 +19,7 @@ def checkpoint(tmp_path_factory):
 def test_report_fields_and_bounds(checkpoint):
     report = caption_use_report(checkpoint, clips=3, times=(0.9, 0.5), size=32)
     assert report["text_context"] == "bigram" and report["clips"] == 3
+    assert report["caption_order"] == "scene_first"
     assert set(report["loss_gain"]) == {"t=0.9", "t=0.5"}
     for row in report["loss_gain"].values():
         assert row["true"] > 0 and row["shuffled"] > 0
@@ -51,3 +52,13 @@ def test_background_colour_check(checkpoint):
     ]
     assert all(len(r["mean_rgb"]) == 3 and all(0 <= c <= 1 for c in r["mean_rgb"]) for r in rows)
     assert rows[0]["target_rgb"] == (0.90, 0.12, 0.12)
+    # The tiny test checkpoint is a new run's: scene first, as it would have been trained.
+    assert rows[0]["caption"].startswith("one shapes. ") and "red background" in rows[0]["caption"]
+
+
+def test_colour_caption_follows_the_caption_order():
+    from pasa.eval.caption_probe import colour_caption
+
+    old, new = colour_caption("green", "objects_first"), colour_caption("green", "scene_first")
+    assert old.startswith("a big white circle") and old.endswith("striped green background.")
+    assert new.startswith("one shapes.") and new.endswith("stays still.")

@@ -128,7 +128,15 @@ def caption_use_report(
     }
 
 
-COLOUR_CAPTION = "a big white circle stays still. one shapes. the camera stays still over a striped {} background."
+_COLOUR_OBJECT = "a big white circle stays still."
+_COLOUR_SCENE = "one shapes. the camera stays still over a striped {} background."
+
+
+def colour_caption(colour: str, order: str) -> str:
+    """One big white circle over a striped ``colour`` background, in the caption ``order`` of
+    :func:`pasa.testbed.scene.caption` (a model's ``config.caption_order``)."""
+    parts = [_COLOUR_OBJECT, _COLOUR_SCENE.format(colour)]
+    return " ".join(parts if order == "objects_first" else parts[::-1])
 
 
 @torch.no_grad()
@@ -143,7 +151,8 @@ def background_colours(
     seed: int = 0,
     device: str = "cpu",
 ) -> list[dict[str, Any]]:
-    """Mean RGB (0..1) of clips from :data:`COLOUR_CAPTION` with each background colour, one seed."""
+    """Mean RGB (0..1) of clips from :func:`colour_caption` (in the checkpoint's caption order)
+    with each background colour, one seed."""
     from pasa.testbed.sample import sample
     from pasa.testbed.scene import COLORS
 
@@ -151,11 +160,13 @@ def background_colours(
     rows = []
     for colour in colours:
         for guidance in guidances:
-            clip = sample(model, config, COLOUR_CAPTION.format(colour), seed=seed,
+            text = colour_caption(colour, config.caption_order)
+            clip = sample(model, config, text, seed=seed,
                           num_steps=steps, guidance=guidance, frames=frames, height=size,
                           width=size).frames  # fmt: skip
             rgb = ((clip + 1) / 2).mean(dim=(1, 2, 3))
-            rows.append({"colour": colour, "guidance": guidance, "target_rgb": COLORS[colour],
+            rows.append({"colour": colour, "guidance": guidance, "caption": text,
+                         "target_rgb": COLORS[colour],
                          "mean_rgb": [round(float(x), 4) for x in rgb]})  # fmt: skip
     return rows
 
