@@ -156,18 +156,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--captions", type=int, default=3, help="held-out captions (default 3)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        default=1.0,
+        help="classifier-free guidance scale (default 1: conditional only)",
+    )
+    parser.add_argument("--size", type=int, help="clip side in pixels (default: the model's)")
     parser.add_argument("--every", type=int, default=3, help="keep every n-th frame (default 3)")
     parser.add_argument("--out", default="samples", help="folder for PNGs and captions.json")
     parser.add_argument("--device", help="default: cuda if available")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     model, config, record = load_model(args.checkpoint, device)
+    if args.guidance <= 0 or (args.size is not None and args.size % (2 * config.pixel_factor)):
+        parser.error(f"need --guidance > 0 and --size a multiple of {2 * config.pixel_factor}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     index = {"checkpoint": describe_checkpoint(args.checkpoint), "steps": args.steps,
-             "seed": args.seed, "training": record.get("training"), "samples": []}  # fmt: skip
+             "seed": args.seed, "guidance": args.guidance, "size": args.size or config.height,
+             "training": record.get("training"), "samples": []}  # fmt: skip
     for i, caption in enumerate(eval_captions(args.captions, order=config.caption_order)):
-        result = sample(model, config, caption, seed=args.seed, num_steps=args.steps)
+        result = sample(
+            model,
+            config,
+            caption,
+            seed=args.seed,
+            num_steps=args.steps,
+            guidance=args.guidance,
+            height=args.size,
+            width=args.size,
+        )
         strip = frame_strip(to_uint8(result.frames), args.every)
         name = f"sample_{i}.png"
         Image.fromarray(strip.numpy()).save(out / name)
