@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _diffusers_common import git_commit, nvidia_driver, write_json
 
-from pasa.testbed.train import Trainer, _step_size, build_parser
+from pasa.testbed.train import Trainer, build_parser
 
 
 def _sync(device: torch.device) -> None:
@@ -36,64 +36,53 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn, device: torch.device) -> float:
+def _timed(fn, device: torch.device):
+    """``(milliseconds, fn())``, CUDA synchronised before and after."""
     _sync(device)
     start = time.perf_counter()
-    fn()
+    value = fn()
     _sync(device)
-    return (time.perf_counter() - start) * 1e3
+    return (time.perf_counter() - start) * 1e3, value
 
 
 def profile(trainer: Trainer, steps: int, warmup: int) -> list[dict]:
-    """Median milliseconds of the batch, the captions and the whole step, per clip size."""
-    from pasa.testbed.data import make_batch
-
-    args, device = trainer.args, trainer.device
-    by_size: dict[int, list[int]] = {}
+    """Median milliseconds of the batch, the rendering, the captions and the whole step, per
+    clip size, over the run's own first steps of each size."""
+    need = steps + warmup
+    by_size: dict[int, list[int]] = {size: [] for size in trainer.sizes}
     step = 0
-    while any(len(v) < steps + warmup for v in by_size.values()) or len(by_size) < len(
-        trainer.sizes
-    ):
-        size = _step_size(step, args.seed, trainer.sizes, trainer.size_weights)
-        by_size.setdefault(size, [])
-        if len(by_size[size]) < steps + warmup:
-            by_size[size].append(step)
+    while any(len(chosen) < need for chosen in by_size.values()):
+        chosen = by_size[trainer.step_clips(step)[0]]
+        if len(chosen) < need:
+            chosen.append(step)
         step += 1
     rows = []
     for size, chosen in sorted(by_size.items(), reverse=True):
-        batch_ms, text_ms, render_ms, step_ms = [], [], [], []
+        times: dict[str, list[float]] = {"step": [], "batch": [], "render": [], "captions": []}
         for i, s in enumerate(chosen):
-            b = _timed(lambda s=s: trainer.batch_for(s), device)
-            batch = args.batch_size * (max(trainer.sizes) // size) ** 2
-            indices = list(range(s * batch, (s + 1) * batch))
-            captions: list[str] = []
-
-            def render(indices=indices, captions=captions, size=size):
-                _, caps = make_batch(indices, data_seed=args.data_seed, frames=trainer.config.frames,
-                                     height=size, width=size, device=device,
-                                     supersample=max(trainer.sizes) // size,
-                                     caption_order=trainer.config.caption_order)  # fmt: skip
-                captions.extend(caps)
-
-            r = _timed(render, device)
-            t = _timed(lambda captions=captions: trainer.text(captions, device=device), device)
+            batch_ms, _ = _timed(lambda s=s: trainer.batch_for(s), trainer.device)
+            render_ms, (_, captions) = _timed(
+                lambda s=s: trainer.render_clips(*trainer.step_clips(s)), trainer.device
+            )
+            text_ms, _ = _timed(
+                lambda captions=captions: trainer.text(captions, device=trainer.device),
+                trainer.device,
+            )
             trainer.step = s
-            w = _timed(trainer.train_step, device)
+            step_ms, _ = _timed(trainer.train_step, trainer.device)
             if i >= warmup:
-                batch_ms.append(b)
-                render_ms.append(r)
-                text_ms.append(t)
-                step_ms.append(w)
-        med = statistics.median
+                for key, ms in zip(times, (step_ms, batch_ms, render_ms, text_ms), strict=True):
+                    times[key].append(ms)
+        med = {key: statistics.median(values) for key, values in times.items()}
         rows.append({
             "size": size,
-            "clips_per_step": args.batch_size * (max(trainer.sizes) // size) ** 2,
-            "steps_timed": len(step_ms),
-            "step_ms": round(med(step_ms), 2),
-            "batch_ms": round(med(batch_ms), 2),
-            "render_ms": round(med(render_ms), 2),
-            "captions_ms": round(med(text_ms), 2),
-            "model_ms": round(med(step_ms) - med(batch_ms), 2),
+            "clips_per_step": len(trainer.step_clips(chosen[0])[1]),
+            "steps_timed": len(times["step"]),
+            "step_ms": round(med["step"], 2),
+            "batch_ms": round(med["batch"], 2),
+            "render_ms": round(med["render"], 2),
+            "captions_ms": round(med["captions"], 2),
+            "model_ms": round(med["step"] - med["batch"], 2),
         })  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
     return rows

@@ -123,9 +123,10 @@ def add_taylor_branch(
         x = x.to(dtype).transpose(1, 2).flatten(0, 1)
         return torch.nn.functional.pad(x, (0, 0, 0, pad)).unflatten(1, (nk, bs))
 
+    applies = kernel is not False and _taylor_kernel_applies(q, out)
     if kernel is None:
-        kernel = q.is_cuda and half and _taylor_kernel_applies(q, out)
-    if kernel and not _taylor_kernel_applies(q, out):
+        kernel = q.is_cuda and half and applies
+    elif kernel and not applies:
         raise ValueError(
             "the Triton Taylor kernel needs a power-of-two head size from 16 to 256, contiguous "
             f"last dimensions and Triton (got head size {dim}, q on {q.device})"

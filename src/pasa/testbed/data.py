@@ -17,13 +17,13 @@ import torch.nn.functional as F
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pasa.testbed.scene import (
-    CAPTION_ORDERS,
     COLORS,
     NOISE_CELLS,
     Scene,
     SceneObject,
     Texture,
     caption,
+    check_caption_order,
     make_scene,
 )
 
@@ -211,8 +211,7 @@ def make_batch(
 ) -> tuple[torch.Tensor, list[str]]:
     """Clips ``indices`` of stream ``data_seed``: ``(B, 3, F, H, W)`` in [-1, 1] and captions
     (in ``caption_order``, :func:`pasa.testbed.scene.caption`; a model's is its config's)."""
-    if caption_order not in CAPTION_ORDERS:
-        raise ValueError(f"caption_order must be one of {CAPTION_ORDERS}, got {caption_order!r}")
+    check_caption_order(caption_order)  # before any rendering
     scenes = [make_scene(data_seed, int(i), frames=frames) for i in indices]
     clips = [
         render(
@@ -257,11 +256,7 @@ class ProceduralVideos(IterableDataset):
         caption_order: str = "scene_first",
     ) -> None:
         super().__init__()
-        if caption_order not in CAPTION_ORDERS:
-            raise ValueError(
-                f"caption_order must be one of {CAPTION_ORDERS}, got {caption_order!r}"
-            )
-        self.caption_order = caption_order
+        self.caption_order = check_caption_order(caption_order)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
         self.data_seed, self.rank, self.world_size, self.start = data_seed, rank, world_size, start

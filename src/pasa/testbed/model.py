@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from pasa.testbed.scene import CAPTION_ORDERS
+from pasa.testbed.scene import check_caption_order
 from pasa.testbed.text import CONTEXTS, HashedTextEncoder
 
 FORMAT_VERSION = 1
@@ -70,10 +70,7 @@ class TestbedConfig:
     caption_order: str = "objects_first"
 
     def __post_init__(self) -> None:
-        if self.caption_order not in CAPTION_ORDERS:
-            raise ValueError(
-                f"caption_order must be one of {CAPTION_ORDERS}, got {self.caption_order!r}"
-            )
+        check_caption_order(self.caption_order)
         if self.text_context not in CONTEXTS:
             raise ValueError(f"text_context must be one of {CONTEXTS}, got {self.text_context!r}")
         step = 2 * self.pixel_factor

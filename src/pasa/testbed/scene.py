@@ -48,6 +48,15 @@ PANS = ("none", "left", "right", "up", "down")
 ZOOMS = ("none", "in", "out")
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 CAPTION_ORDERS = ("objects_first", "scene_first")  # see caption()
+
+
+def check_caption_order(order: str, what: str = "caption_order") -> str:
+    """``order`` if it is one of :data:`CAPTION_ORDERS`, else ValueError naming ``what``."""
+    if order not in CAPTION_ORDERS:
+        raise ValueError(f"{what} must be one of {CAPTION_ORDERS}, got {order!r}")
+    return order
+
+
 NOISE_CELLS = 24  # value-noise lattice per texture period (a fine, tileable texture)
 
 
@@ -229,8 +238,7 @@ def caption(scene: Scene, order: str = "scene_first") -> str:
     (``benchmarks/testbed_caption_experiment.py``, variant ``bigram_scene_first``). A checkpoint
     records its order (``TestbedConfig.caption_order``); evaluate it with the same.
     """
-    if order not in CAPTION_ORDERS:
-        raise ValueError(f"caption order must be one of {CAPTION_ORDERS}, got {order!r}")
+    check_caption_order(order, "caption order")
     camera = []
     if scene.pan != "none":
         camera.append(f"pans {scene.pan}")

@@ -527,22 +527,30 @@ class Trainer:
 
     # -- training ------------------------------------------------------------------------
 
-    def batch_for(self, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Latents ``(B, C, F, h, w)`` and text ``(B, L, text_dim)`` of ``step`` on this rank."""
+    def step_clips(self, step: int) -> tuple[int, list[int]]:
+        """Clip size in pixels and clip indices of ``step`` on this rank."""
         size = _step_size(step, self.args.seed, self.sizes, self.size_weights)
-        largest = max(self.sizes)
-        batch = self.args.batch_size * (largest // size) ** 2  # same tokens per step at every size
-        indices = clip_indices(step, batch_size=batch, rank=self.rank, world_size=self.world)
-        pixels, captions = make_batch(
+        batch = self.args.batch_size * (max(self.sizes) // size) ** 2  # same tokens at every size
+        return size, clip_indices(step, batch_size=batch, rank=self.rank, world_size=self.world)
+
+    def render_clips(self, size: int, indices: list[int]) -> tuple[torch.Tensor, list[str]]:
+        """Pixels ``(B, 3, F, size, size)`` on the device and captions of clips ``indices``."""
+        return make_batch(
             indices,
             data_seed=self.args.data_seed,
             frames=self.config.frames,
             height=size,
             width=size,
             device=self.device,
-            supersample=largest // size,
+            supersample=max(self.sizes) // size,
             caption_order=self.config.caption_order,
         )
+
+    def batch_for(self, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Latents ``(B, C, F, h, w)`` and text ``(B, L, text_dim)`` of ``step`` on this rank."""
+        size, indices = self.step_clips(step)
+        batch = len(indices)
+        pixels, captions = self.render_clips(size, indices)
         gen = torch.Generator().manual_seed(mix_seed(self.args.seed, step, salt=self.rank + 1))
         drop = torch.rand(batch, generator=gen) < self.args.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
