@@ -3,17 +3,9 @@
 import json
 
 import pytest
-import torch
 
 from pasa.eval.caption_probe import background_colours, caption_use_report, main
-from pasa.testbed.model import TINY, build_model, save_testbed
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    return save_testbed(build_model(TINY), TINY, path, training={"steps": 0})
+from pasa.testbed.model import TINY
 
 
 def test_report_fields_and_bounds(checkpoint):

@@ -19,16 +19,8 @@ from pasa.eval.generate import JaccardMeter, strategy_hooks
 from pasa.eval.strategies import STRATEGIES
 from pasa.eval.suite import main, run_suite
 from pasa.layout import make_layout
-from pasa.testbed.model import TINY, build_model, save_testbed
 
 STRATEGY_NAMES = ["pasa", "static_window", "sparse_videogen"]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    return save_testbed(build_model(TINY), TINY, path, training={"steps": 0})
 
 
 def test_suite_writes_results(checkpoint, tmp_path):

@@ -3,17 +3,9 @@
 import json
 
 import pytest
-import torch
 
-from pasa.testbed.model import TINY, build_model, save_testbed
+from pasa.testbed.model import TINY
 from pasa.testbed.sample import main
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    return save_testbed(build_model(TINY), TINY, path, training={"steps": 0})
 
 
 def test_samples_with_guidance_at_another_size(checkpoint, tmp_path):

@@ -15,15 +15,8 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("cv2")
 
-from pasa.testbed.model import TINY, CheckpointError, build_model, save_testbed
+from pasa.testbed.model import TINY, CheckpointError
 from pasa.testbed.video_demo import demo_settings, main, run_video_demo
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    return save_testbed(build_model(TINY), TINY, path, training={"steps": 0})
 
 
 def test_demo_writes_everything(checkpoint, tmp_path):
