@@ -146,7 +146,7 @@ def held_out_clip(checkpoint: Any, clip: int, device: torch.device) -> HeldOutCl
     model, config, _ = load_model(checkpoint, device)
     pixels, captions = make_batch(
         [clip], data_seed=EVAL_DATA_SEED, frames=config.frames, height=config.height,
-        width=config.width, device=device, caption_order=config.caption_order,
+        width=config.width, device=device, **config.clip_settings(),
     )  # fmt: skip
     latents = pixels_to_latents(pixels, config.pixel_factor)
     text, _ = config.text_encoder()(captions, device=device)

@@ -104,9 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         # Any density below 1 routes every video self-attention call through the processor.
         pasa.apply(model, pasa.PASAConfig(density=0.5))
         try:
-            for index, caption in enumerate(
-                eval_captions(args.captions, order=config.caption_order)
-            ):
+            for index, caption in enumerate(eval_captions(args.captions, **config.clip_settings())):
                 current["caption"] = index
                 sample(model, config, caption, seed=0, num_steps=args.steps, height=size,
                        width=size)  # fmt: skip

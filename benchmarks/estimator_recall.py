@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     model, config, record = load_testbed(args.checkpoint, device="cpu")
     pixels, captions = make_batch(range(args.clips), data_seed=args.data_seed, frames=config.frames,
                                   height=config.height, width=config.width,
-                                  caption_order=config.caption_order)  # fmt: skip
+                                  **config.clip_settings())  # fmt: skip
     latents = pixels_to_latents(pixels, config.pixel_factor)
     text, _ = config.text_encoder()(captions)
     layout = make_layout(config.token_grid(), block_size=128)

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     common = dict(num_steps=args.steps, frames=config.frames, size=size)
     grid = config.token_grid(height=size, width=size)
     tile_frames = auto_tile(grid, 128)[0]
-    caption = eval_captions(args.caption + 1, order=config.caption_order)[args.caption]
+    caption = eval_captions(args.caption + 1, **config.clip_settings())[args.caption]
     start = time.monotonic()
     dense = generate(model, config, caption, seed=args.seed, **common)
     clips_out = Path(args.clips_out) if args.clips_out else None

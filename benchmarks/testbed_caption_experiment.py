@@ -114,7 +114,8 @@ def run_variant(variant: str, clips: int, held: int, steps: int, batch: int, see
     # The captions as first written (objects first); the *_scene_first variants reorder them.
     pixels, captions = make_batch(range(clips + held), data_seed=7, frames=config.frames,
                                   height=config.height, width=config.width,
-                                  caption_order="objects_first")  # fmt: skip
+                                  caption_order="objects_first",
+                                  scene_style="original")  # fmt: skip
     latents = pixels_to_latents(pixels, config.pixel_factor)
     text = _text(variant, captions, config)
     torch.manual_seed(seed)

@@ -1,8 +1,8 @@
 """Held-out clips beside the samples of several testbed checkpoints, as one image.
 
-For each held-out clip (the evaluation stream, data seed 30,000): a row with the clip itself,
-then a row per checkpoint with its dense sample of the clip's caption (written in that
-checkpoint's own caption order), every ``--every``-th frame.
+For each held-out clip (the evaluation stream, data seed 10,000) and checkpoint: a row with the
+clip as that checkpoint's data draws it (its scene style), then a row with the checkpoint's dense
+sample of the clip's caption (in its own caption order), every ``--every``-th frame.
 
     PYTHONPATH=src python benchmarks/testbed_sample_compare.py \\
         src/pasa/testbed/checkpoint/testbed.safetensors run3.safetensors \\
@@ -25,7 +25,6 @@ def main(argv: list[str] | None = None) -> int:
     from pasa.testbed.data import make_batch
     from pasa.testbed.model import load_testbed
     from pasa.testbed.sample import sample
-    from pasa.testbed.scene import caption, make_scene
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoints", nargs="+")
@@ -41,12 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     largest = max(c.height for _, c, _ in models)
     rows = []
     for clip in args.clips:
-        pixels, _ = make_batch([clip], data_seed=EVAL_DATA_SEED, height=args.size,
-                               width=args.size, supersample=max(1, largest // args.size))  # fmt: skip
-        rows.append(pixels[0])
         for path, (model, config, _) in zip(args.checkpoints, models, strict=True):
-            text = caption(make_scene(EVAL_DATA_SEED, clip, frames=config.frames),
-                           config.caption_order)  # fmt: skip
+            pixels, (text,) = make_batch([clip], data_seed=EVAL_DATA_SEED, height=args.size,
+                                         width=args.size, supersample=max(1, largest // args.size),
+                                         **config.clip_settings())  # fmt: skip
+            rows.append(pixels[0])
             run = sample(model, config, text, seed=args.seed, num_steps=args.steps,
                          guidance=args.guidance, height=args.size, width=args.size)  # fmt: skip
             rows.append(run.frames)

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         profile_path = Path(tmp) / "profile.json"
         calibrate_profile(model, config, profile_path, **common)
-        caption = eval_captions(args.caption + 1, order=config.caption_order)[args.caption]
+        caption = eval_captions(args.caption + 1, **config.clip_settings())[args.caption]
         dense = generate(model, config, caption, seed=args.seed, **common)
         ref_flicker = metrics.temporal_flickering(dense.frames)
         ref_warp = metrics.warping_error(dense.frames)

@@ -1,12 +1,13 @@
 """Procedural clips: determinism, shapes, captions that say what the clip shows, DDP sharding."""
 
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
 
 from pasa.testbed.data import ProceduralVideos, clip_indices, make_batch, render
-from pasa.testbed.scene import COLORS, NUMBERS, make_scene
+from pasa.testbed.scene import COLORS, NUMBERS, SCENE_STYLES, caption, make_scene
 from pasa.testbed.text import tokenize
 
 
@@ -26,13 +27,14 @@ def test_shape_range_and_motion():
     assert all((clip[:, 1:] - clip[:, :-1]).abs().mean() > 0 for clip in clips)  # things move
 
 
-@pytest.mark.parametrize("index", range(40))
-def test_caption_names_every_object_and_the_camera(index):
-    scene = make_scene(11, index)
+@pytest.mark.parametrize(("index", "style"), itertools.product(range(40), SCENE_STYLES))
+def test_caption_names_every_object_and_the_camera(index, style):
+    scene = make_scene(11, index, style=style)
     from pasa.testbed.scene import caption
 
     words = tokenize(caption(scene))
-    assert 3 <= len(scene.objects) <= 8
+    lo, hi = SCENE_STYLES[style].objects
+    assert lo <= len(scene.objects) <= hi
     assert NUMBERS[len(scene.objects)] in words
     for obj in scene.objects:
         assert obj.shape in words and obj.texture.color in words
@@ -96,3 +98,46 @@ def test_supersampled_small_clip_matches_downsampled_large():
     large = render(scene, frames=2, height=64, width=64)
     pooled = torch.nn.functional.avg_pool2d(large.reshape(6, 64, 64), 2).reshape(small.shape)
     assert torch.allclose(small, pooled, atol=1e-5)
+
+
+def test_scene_styles_draw_the_same_clip_with_fewer_bigger_objects_on_a_calmer_background():
+    for index in range(30):
+        old, new = make_scene(4, index, style="original"), make_scene(4, index, style="bold")
+        assert (old.background.kind, old.background.color, old.background.freq) == (
+            new.background.kind, new.background.color, new.background.freq)  # fmt: skip
+        assert old.background.contrast == 1.0 and new.background.contrast == 0.35
+        for objects, style in ((old.objects, "original"), (new.objects, "bold")):
+            lo, hi = SCENE_STYLES[style].radius
+            assert all(lo <= o.radius <= hi for o in objects)
+        pairs = zip(old.objects, new.objects, strict=False)  # the same draws, object by object
+        assert all((a.shape, a.texture.color) == (b.shape, b.texture.color) for a, b in pairs)
+    olds = [make_scene(4, i, style="original") for i in range(200)]
+    news = [make_scene(4, i, style="bold") for i in range(200)]
+    assert sum(len(s.objects) for s in news) < 0.8 * sum(len(s.objects) for s in olds)
+    assert sum(o.radius for s in news for o in s.objects) / sum(len(s.objects) for s in news) > (
+        1.3 * sum(o.radius for s in olds for o in s.objects) / sum(len(s.objects) for s in olds)
+    )
+    # the background's pattern at a third of the contrast: a clip without objects varies less
+    bare = [make_scene(4, i, style=st) for st in ("original", "bold") for i in range(8)]
+    spread = [float(render(replace(s, objects=()), frames=2, height=32, width=32).std(dim=(2, 3))
+                    .mean()) for s in bare]  # fmt: skip
+    assert sum(spread[8:]) < 0.5 * sum(spread[:8])
+
+
+def test_size_words_follow_the_scene_style():
+    for style, look in SCENE_STYLES.items():
+        for index in range(20):
+            scene = make_scene(2, index, style=style)
+            text = caption(scene)
+            for obj in scene.objects:
+                word = (
+                    "small " if obj.radius < look.small else "big " if obj.radius > look.big else ""
+                )
+                assert f"a {word}{obj.texture.color} " in text
+
+
+def test_a_scene_style_that_does_not_exist_is_refused():
+    with pytest.raises(ValueError, match="scene style must be one of"):
+        make_scene(0, 0, style="busy")
+    with pytest.raises(ValueError, match="scene_style must be one of"):
+        make_batch([0], data_seed=0, frames=2, height=16, width=16, scene_style="busy")

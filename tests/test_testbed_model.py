@@ -86,8 +86,13 @@ def test_caption_order_defaults_presets_and_what_the_evaluation_writes():
         TestbedConfig(caption_order="shuffled")
     shipped = TestbedConfig.from_dict(read_record(DEFAULT_CHECKPOINT)["config"])
     assert shipped.caption_order == "objects_first"  # as it was trained
-    old = eval_captions(2, order=shipped.caption_order)
-    new = eval_captions(2, order="scene_first")
+    assert shipped.scene_style == "original"  # and on the clips of its day
+    assert TestbedConfig().scene_style == "original"
+    assert TESTBED.scene_style == TINY.scene_style == "bold"
+    with pytest.raises(ValueError, match="scene_style must be one of"):
+        TestbedConfig(scene_style="busy")
+    old = eval_captions(2, **shipped.clip_settings())
+    new = eval_captions(2, caption_order="scene_first", scene_style="original")
     for a, b in zip(old, new, strict=True):
         assert a.startswith("a ") and "background" in a.split(". ")[-1]
         assert b.split(". ")[0].endswith(" shapes")

@@ -192,6 +192,7 @@ def test_compact_resume_continues(tmp_path):
     [
         ("--text-context", "none", "text_context"),
         ("--caption-order", "objects_first", "caption_order"),
+        ("--scene-style", "original", "scene_style"),
     ],
 )
 def test_state_of_other_captions_is_refused_with_the_flag_to_continue_it(tmp_path, flag, value,
@@ -206,11 +207,16 @@ def test_state_of_other_captions_is_refused_with_the_flag_to_continue_it(tmp_pat
 
 
 def test_a_run_of_objects_first_captions_trains_on_them(tmp_path):
-    again = Trainer(_args(tmp_path / "c", "--caption-order", "objects_first"))
+    again = Trainer(_args(tmp_path / "c", "--caption-order", "objects_first", "--scene-style",
+                          "original"))  # fmt: skip
     _, text, batch = again.batch_for(1)
     _, captions = make_batch(clip_indices(1, batch_size=batch), data_seed=0, frames=4,
-                             height=32, width=32, caption_order="objects_first")  # fmt: skip
+                             height=32, width=32, caption_order="objects_first",
+                             scene_style="original")  # fmt: skip
     assert all(c.startswith("a ") for c in captions)
+    _, bold = make_batch(clip_indices(1, batch_size=batch), data_seed=0, frames=4, height=32,
+                         width=32, caption_order="objects_first")  # fmt: skip
+    assert bold != captions  # the style changes the clips, so the captions too
     want, _ = again.text(captions)
     kept = text.flatten(1).abs().sum(1) > 0  # rows not dropped for guidance
     assert kept.any() and torch.equal(text[kept], want[kept])

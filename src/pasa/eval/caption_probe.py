@@ -92,7 +92,7 @@ def caption_use_report(
         frames=frames,
         height=size,
         width=size,
-        caption_order=config.caption_order,
+        **config.clip_settings(),
     )
     x0 = pixels_to_latents(pixels, config.pixel_factor).to(device)
     text, mask = config.text_encoder()(captions, device=device)

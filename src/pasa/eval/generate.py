@@ -25,13 +25,21 @@ CALIBRATION_DATA_SEED = 20_000  # the budget profile's calibration caption: in n
 
 
 def eval_captions(
-    count: int, *, order: str, data_seed: int = EVAL_DATA_SEED, frames: int = 16
+    count: int,
+    *,
+    caption_order: str,
+    scene_style: str,
+    data_seed: int = EVAL_DATA_SEED,
+    frames: int = 16,
 ) -> list[str]:
-    """Captions of the first ``count`` clips of a stream the trainer never sees, written in
-    ``order`` (the model's ``config.caption_order``, as it was trained)."""
+    """Captions of the first ``count`` clips of a stream the trainer never sees, as the model was
+    trained: pass its ``**config.clip_settings()`` (caption order and scene style)."""
     from pasa.testbed.scene import caption, make_scene
 
-    return [caption(make_scene(data_seed, i, frames=frames), order) for i in range(count)]
+    return [
+        caption(make_scene(data_seed, i, frames=frames, style=scene_style), caption_order)
+        for i in range(count)
+    ]
 
 
 def require(*modules: str, command: str) -> None:
@@ -224,7 +232,7 @@ def calibrate_profile(
     the clips they are judged on. Returns the :class:`~pasa.profile.BudgetProfile`.
     """
     caption = eval_captions(
-        1, order=config.caption_order, data_seed=CALIBRATION_DATA_SEED, frames=frames
+        1, **config.clip_settings(), data_seed=CALIBRATION_DATA_SEED, frames=frames
     )[0]
     run = generate(
         model, config, caption, seed=seed, num_steps=num_steps, frames=frames, size=size,

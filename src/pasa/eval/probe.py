@@ -98,7 +98,7 @@ def attention_recall_report(
         height=config.height,
         width=config.width,
         device=device,
-        caption_order=config.caption_order,
+        **config.clip_settings(),
     )
     latents = pixels_to_latents(pixels, config.pixel_factor)
     text, _ = config.text_encoder()(captions, device=device)

@@ -163,7 +163,7 @@ def run_suite(
     model, config, record = load_model(checkpoint, device)
     size, frames = size or config.height, frames or config.frames
     if isinstance(captions, int):
-        prompts = eval_captions(captions, order=config.caption_order)
+        prompts = eval_captions(captions, **config.clip_settings())
     else:
         prompts = list(captions)
     out = Path(out_dir)

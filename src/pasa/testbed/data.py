@@ -24,6 +24,7 @@ from pasa.testbed.scene import (
     Texture,
     caption,
     check_caption_order,
+    check_scene_style,
     make_scene,
 )
 
@@ -120,7 +121,10 @@ def _colour(texture: Texture, name: str | None = None) -> tuple[torch.Tensor, to
         return base, second
     new = torch.tensor(COLORS[name])
     dark = float(second.sum()) < float(base.sum())
-    return new, (0.3 * new if dark else new + 0.6 * (1 - new))
+    shade = 0.3 * new if dark else new + 0.6 * (1 - new)
+    if texture.contrast == 1.0:
+        return new, shade
+    return new, new + texture.contrast * (shade - new)
 
 
 def _object_layer(
@@ -208,11 +212,14 @@ def make_batch(
     device: torch.device | str = "cpu",
     supersample: int = 1,
     caption_order: str = "scene_first",
+    scene_style: str = "bold",
 ) -> tuple[torch.Tensor, list[str]]:
-    """Clips ``indices`` of stream ``data_seed``: ``(B, 3, F, H, W)`` in [-1, 1] and captions
-    (in ``caption_order``, :func:`pasa.testbed.scene.caption`; a model's is its config's)."""
+    """Clips ``indices`` of stream ``data_seed`` in ``scene_style``: ``(B, 3, F, H, W)`` in
+    [-1, 1] and captions (in ``caption_order``, :func:`pasa.testbed.scene.caption`). A model's
+    order and style are its config's (:meth:`pasa.testbed.model.TestbedConfig.data_settings`)."""
     check_caption_order(caption_order)  # before any rendering
-    scenes = [make_scene(data_seed, int(i), frames=frames) for i in indices]
+    check_scene_style(scene_style)
+    scenes = [make_scene(data_seed, int(i), frames=frames, style=scene_style) for i in indices]
     clips = [
         render(
             sc, frames=frames, height=height, width=width, device=device, supersample=supersample
@@ -239,7 +246,7 @@ class ProceduralVideos(IterableDataset):
         data_seed: the stream.
         rank, world_size: DDP position (``torch.distributed`` rank and world size).
         start: first clip index of the whole stream (for resuming).
-        caption_order: as :func:`make_batch`.
+        caption_order, scene_style: as :func:`make_batch`.
     """
 
     def __init__(
@@ -254,9 +261,11 @@ class ProceduralVideos(IterableDataset):
         start: int = 0,
         supersample: int = 1,
         caption_order: str = "scene_first",
+        scene_style: str = "bold",
     ) -> None:
         super().__init__()
         self.caption_order = check_caption_order(caption_order)
+        self.scene_style = check_scene_style(scene_style)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
         self.data_seed, self.rank, self.world_size, self.start = data_seed, rank, world_size, start
@@ -268,7 +277,7 @@ class ProceduralVideos(IterableDataset):
         stride = self.world_size * workers
         k = self.start + self.rank + self.world_size * worker
         while True:
-            scene = make_scene(self.data_seed, k, frames=self.frames)
+            scene = make_scene(self.data_seed, k, frames=self.frames, style=self.scene_style)
             clip = render(
                 scene,
                 frames=self.frames,

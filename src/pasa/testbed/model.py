@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from pasa.testbed.scene import check_caption_order
+from pasa.testbed.scene import check_caption_order, check_scene_style
 from pasa.testbed.text import CONTEXTS, HashedTextEncoder
 
 FORMAT_VERSION = 1
@@ -68,9 +68,14 @@ class TestbedConfig:
     # How captions are written (pasa/testbed/scene.py's caption()): "objects_first" (the shipped
     # checkpoint) or "scene_first" (count, camera and background first), the preset for new runs.
     caption_order: str = "objects_first"
+    # What the clips look like (pasa/testbed/scene.py's SCENE_STYLES): "original" (the shipped
+    # checkpoint: 3-8 objects, often small, full-contrast backgrounds) or "bold" (2-6 bigger
+    # objects, backgrounds at a third of the contrast), the preset for new runs.
+    scene_style: str = "original"
 
     def __post_init__(self) -> None:
         check_caption_order(self.caption_order)
+        check_scene_style(self.scene_style)
         if self.text_context not in CONTEXTS:
             raise ValueError(f"text_context must be one of {CONTEXTS}, got {self.text_context!r}")
         step = 2 * self.pixel_factor
@@ -83,6 +88,12 @@ class TestbedConfig:
             raise ValueError(
                 f"head_dim={self.head_dim} must be even and >= 6 (Wan's 3D rotary code)"
             )
+
+    def clip_settings(self) -> dict[str, str]:
+        """``caption_order`` and ``scene_style``: how this model's clips and captions are made,
+        as keyword arguments of :func:`pasa.testbed.data.make_batch` and
+        :func:`pasa.eval.generate.eval_captions`."""
+        return {"caption_order": self.caption_order, "scene_style": self.scene_style}
 
     def text_encoder(self) -> HashedTextEncoder:
         """The caption encoder this model was (or is being) trained with."""
@@ -131,11 +142,11 @@ class TestbedConfig:
 # The shipped model's shape (about 9.6M parameters, 19 MB in bf16; the shipped checkpoint itself
 # has bigram captions with the objects first) and a tiny one for CPU tests; new training runs use
 # bigram captions with the scene first.
-TESTBED = TestbedConfig(text_context="bigram", caption_order="scene_first")
+TESTBED = TestbedConfig(text_context="bigram", caption_order="scene_first", scene_style="bold")
 TINY = TestbedConfig(
     frames=4, height=32, width=32, pixel_factor=2, num_layers=2, num_heads=2, head_dim=12,
     ffn_dim=48, freq_dim=16, text_dim=8, max_text_tokens=96, text_context="bigram",
-    caption_order="scene_first",
+    caption_order="scene_first", scene_style="bold",
 )  # fmt: skip
 PRESETS = {"testbed": TESTBED, "tiny": TINY}
 

@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     index = {"checkpoint": describe_checkpoint(args.checkpoint), "steps": args.steps,
              "seed": args.seed, "guidance": args.guidance, "size": args.size or config.height,
              "training": record.get("training"), "samples": []}  # fmt: skip
-    for i, caption in enumerate(eval_captions(args.captions, order=config.caption_order)):
+    for i, caption in enumerate(eval_captions(args.captions, **config.clip_settings())):
         result = sample(
             model,
             config,

@@ -46,7 +46,7 @@ from pasa.testbed.model import (
     pixels_to_latents,
     save_testbed,
 )
-from pasa.testbed.scene import CAPTION_ORDERS, mix_seed
+from pasa.testbed.scene import CAPTION_ORDERS, SCENE_STYLES, mix_seed
 from pasa.testbed.state import (
     BLOCK,
     STATE_BUDGET_BYTES,
@@ -77,6 +77,11 @@ def _read_log(path: Path, upto_step: int) -> list[dict]:
     return [row for row in rows if row.get("step", 0) <= upto_step]
 
 
+# The config fields that say what the model was trained on rather than its shape: a warm start
+# (--init-from) may change them; a resume must keep them (the flags name the saved ones).
+DATA_FIELDS = ("text_context", "caption_order", "scene_style")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pasa.testbed.train", description=__doc__.split("\n")[0]
@@ -96,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="how captions are written (default: the preset's, 'scene_first'; 'objects_first' "
         "continues a state trained before, such as the shipped checkpoint's run)",
+    )
+    p.add_argument(
+        "--scene-style",
+        choices=tuple(SCENE_STYLES),
+        default=None,
+        help="what the clips look like (default: the preset's, 'bold'; 'original' continues a "
+        "state trained before, such as the shipped checkpoint's run)",
     )
     p.add_argument("--resume", action="store_true", help="continue from OUT/state.pt if present")
     p.add_argument(
@@ -228,10 +240,8 @@ class Trainer:
         else:
             self.device = torch.device("cpu")
         self.config = PRESETS[args.preset]
-        if args.text_context is not None:
-            self.config = replace(self.config, text_context=args.text_context)
-        if args.caption_order is not None:
-            self.config = replace(self.config, caption_order=args.caption_order)
+        chosen = {k: getattr(args, k, None) for k in DATA_FIELDS}
+        self.config = replace(self.config, **{k: v for k, v in chosen.items() if v is not None})
         self.sizes, self.size_weights = _parse_sizes(args, self.config)
         self.text = self.config.text_encoder()
         torch.manual_seed(args.seed)  # identical initial weights on every rank
@@ -275,25 +285,26 @@ class Trainer:
             "history": self.history,
         }
 
-    def _check_config(self, saved: dict | None, where: Path, any_captions: bool = False) -> None:
-        """Refuse a state trained with another model or captions (fields missing from an older
-        state take their defaults: ``text_context`` "none", ``caption_order`` "objects_first");
-        ``any_captions`` accepts other captions (encoding and order; same shapes)."""
+    def _check_config(
+        self, saved: dict | None, where: Path, any_data: bool = False
+    ) -> TestbedConfig:
+        """The saved config; refuse a state trained with another model or data (fields missing
+        from an older state take the defaults of the shipped run: ``text_context`` "none",
+        ``caption_order`` "objects_first", ``scene_style`` "original"). ``any_data`` accepts
+        other :data:`DATA_FIELDS` (captions and clips; the same model shapes)."""
         try:
             config = TestbedConfig.from_dict(saved or {})
         except (TypeError, ValueError) as exc:
             raise StateError(f"{where} holds no usable testbed config ({exc})") from exc
-        captions = {"text_context": self.config.text_context,
-                    "caption_order": self.config.caption_order}  # fmt: skip
-        if any_captions:
-            config = replace(config, **captions)
-        if config != self.config:
-            hint = ""
-            if replace(config, **captions) == self.config:
-                flags = [f"--{k.replace('_', '-')} {getattr(config, k)}" for k, v in
-                         captions.items() if getattr(config, k) != v]  # fmt: skip
-                hint = f" (pass {' '.join(flags)} to continue it)"
-            raise StateError(f"{where} was trained with a different config: {asdict(config)}{hint}")
+        ours = {k: getattr(self.config, k) for k in DATA_FIELDS}
+        if replace(config, **ours) != self.config:
+            raise StateError(f"{where} was trained with a different config: {asdict(config)}")
+        if config != self.config and not any_data:
+            flags = [f"--{k.replace('_', '-')} {getattr(config, k)}" for k, v in ours.items()
+                     if getattr(config, k) != v]  # fmt: skip
+            raise StateError(f"{where} was trained with a different config: {asdict(config)} "
+                             f"(pass {' '.join(flags)} to continue it)")  # fmt: skip
+        return config
 
     def _init_from(self, source: Path) -> None:
         """Warm start from a compact state's folder or a testbed checkpoint file: model and EMA
@@ -304,15 +315,14 @@ class Trainer:
             source_weights, saved, origin = self._checkpoint_source(source)
         else:
             tensors, manifest = read_state_parts(source)
-            self._check_config(manifest.get("config"), source, any_captions=True)
+            saved = self._check_config(manifest.get("config"), source, any_data=True)
             weights, ema = self._decode_weights(tensors, manifest, source)
-            source_weights, saved = (ema if ema else weights), manifest.get("config") or {}
+            source_weights = ema if ema else weights
             origin = {
                 "steps": manifest["step"],
                 "samples": manifest["samples"],
                 "train_hours": round(manifest["elapsed_s"] / 3600, 3),
-                "text_context": saved.get("text_context", "none"),
-                "caption_order": saved.get("caption_order", "objects_first"),
+                **{k: getattr(saved, k) for k in DATA_FIELDS},
                 "data_seed": manifest.get("rng", {}).get("data_seed"),
                 "trained_by": manifest.get("trained_by"),
             }
@@ -324,28 +334,23 @@ class Trainer:
         self.own_record = {**self.own_record, "init_from": origin}
         self.trained_by = self.own_record
         if self.rank == 0:
-            before = (
-                saved.get("text_context", "none"),
-                saved.get("caption_order", "objects_first"),
-            )
+            before = " ".join(str(getattr(saved, k)) for k in DATA_FIELDS)
+            after = " ".join(str(getattr(self.config, k)) for k in DATA_FIELDS)
             print(f"note: new run initialised from the weights of step {origin['steps']} "
-                  f"({' '.join(before)} captions -> {self.config.text_context} "
-                  f"{self.config.caption_order})")  # fmt: skip
+                  f"(captions and clips: {before} -> {after})")  # fmt: skip
 
-    def _checkpoint_source(self, path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
-        """A testbed checkpoint's weights (fp32), config dict and record, for :meth:`_init_from`."""
+    def _checkpoint_source(self, path: Path) -> tuple[dict[str, torch.Tensor], TestbedConfig, dict]:
+        """A testbed checkpoint's weights (fp32), config and record, for :meth:`_init_from`."""
         try:
             model, config, record = load_testbed(path)
         except CheckpointError as exc:
             raise StateError(str(exc)) from exc
-        saved = asdict(config)
-        self._check_config(saved, path, any_captions=True)
+        self._check_config(asdict(config), path, any_data=True)
         training = dict(record.get("training") or {})
         origin = {"checkpoint": describe_checkpoint(path), **training}
         origin.setdefault("steps", None)
-        origin["text_context"] = saved["text_context"]
-        origin["caption_order"] = saved["caption_order"]
-        return dict(model.named_parameters()), saved, origin
+        origin.update({k: getattr(config, k) for k in DATA_FIELDS})
+        return dict(model.named_parameters()), config, origin
 
     def _decode_weights(
         self, tensors: dict[str, torch.Tensor], manifest: dict, directory: Path
@@ -543,7 +548,7 @@ class Trainer:
             width=size,
             device=self.device,
             supersample=max(self.sizes) // size,
-            caption_order=self.config.caption_order,
+            **self.config.clip_settings(),
         )
 
     def batch_for(self, step: int) -> tuple[torch.Tensor, torch.Tensor, int]:

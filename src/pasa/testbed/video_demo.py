@@ -158,7 +158,7 @@ def run_video_demo(
     checkpoint = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
     model, config, record = load_model(checkpoint, device)
     settings = demo_settings(config, device, size=size, frames=frames, steps=steps)
-    caption = caption if caption is not None else eval_captions(1, order=config.caption_order)[0]
+    caption = caption if caption is not None else eval_captions(1, **config.clip_settings())[0]
     pasa_config = get_strategy("pasa").config(density).replace(budget=budget)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
