@@ -119,6 +119,7 @@ def caption_use_report(
         "training steps": (record.get("training") or {}).get("steps"),
         "text_context": config.text_context,
         "caption_order": config.caption_order,
+        "scene_style": config.scene_style,
         "clips": clips,
         "clip": f"{frames} frames x {size} x {size}",
         "data_seed": PROBE_DATA_SEED,

@@ -493,9 +493,11 @@ class Trainer:
         keys = ("seed", "data_seed", "batch_size", "sizes", "size_weights", "preset")
         changed = {k: (saved.get(k), getattr(self.args, k)) for k in keys}
         changed = {k: v for k, v in changed.items() if v[0] != v[1]}
-        if (changed or self.trained_by.get("world_size") != self.world) and self.rank == 0:
-            print(f"note: resuming step {self.step} with other data settings {changed}, world "
-                  f"{self.trained_by.get('world_size')} -> {self.world}")  # fmt: skip
+        if self.trained_by.get("world_size") != self.world:
+            changed["world_size"] = (self.trained_by.get("world_size"), self.world)
+        if changed and self.rank == 0:
+            what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+            print(f"note: resuming step {self.step} with other settings: {what}")
 
     def save(self) -> None:
         """Atomically write ``state.pt`` and, with ``--state-out``, the compact state (rank 0),
