@@ -1,7 +1,8 @@
 """The PASA testbed: a small video diffusion model trained on procedural clips, for measuring
 quality. See ``docs/testbed.md``.
 
-- :mod:`pasa.testbed.scene` / :mod:`pasa.testbed.data`: seeded procedural clips and captions.
+- :mod:`pasa.testbed.scene` / :mod:`pasa.testbed.rendering` / :mod:`pasa.testbed.data`: seeded
+  procedural scenes, their rendering (one clip or a batch at once), batches with captions.
 - :mod:`pasa.testbed.text`: the weight-free hashed-word text encoder.
 - :mod:`pasa.testbed.model`: config, pixel codec, checkpoint save / load (``CheckpointError``).
 - :mod:`pasa.testbed.train`: flow-matching trainer (DDP, time-budgeted, resumable).
@@ -10,7 +11,7 @@ quality. See ``docs/testbed.md``.
 Nothing here is imported by ``import pasa``; diffusers is needed for the model.
 """
 
-from pasa.testbed.data import ProceduralVideos, make_batch, render
+from pasa.testbed.data import ProceduralVideos, make_batch
 from pasa.testbed.model import (
     DEFAULT_CHECKPOINT,
     TESTBED,
@@ -23,6 +24,7 @@ from pasa.testbed.model import (
     pixels_to_latents,
     save_testbed,
 )
+from pasa.testbed.rendering import render, render_batch
 from pasa.testbed.scene import Scene, caption, make_scene
 from pasa.testbed.text import HashedTextEncoder
 
@@ -43,5 +45,6 @@ __all__ = [
     "make_scene",
     "pixels_to_latents",
     "render",
+    "render_batch",
     "save_testbed",
 ]
