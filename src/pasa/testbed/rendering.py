@@ -135,6 +135,8 @@ def pattern(texture: Texture, x: torch.Tensor, y: torch.Tensor, px: torch.Tensor
             ``(F, H, W)``.
         px: ``(F, 1, 1)`` size of one pixel in the same units (for anti-aliasing).
     """
+    if texture.kind == "solid":  # no coordinates to work out
+        return x.new_ones(torch.broadcast_shapes(x.shape, y.shape))
     cos, sin = math.cos(texture.angle), math.sin(texture.angle)
     lattice = _lattice([texture.noise_seed]) if texture.kind == "noisy" else None
     axes = _pattern_axes(x, y, px, cos, sin, texture.freq)

@@ -82,6 +82,11 @@ def _read_log(path: Path, upto_step: int) -> list[dict]:
 DATA_FIELDS = ("text_context", "caption_order", "scene_style")
 
 
+def _data_settings(config: TestbedConfig) -> dict[str, str]:
+    """``config``'s :data:`DATA_FIELDS`, by name."""
+    return {k: getattr(config, k) for k in DATA_FIELDS}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pasa.testbed.train", description=__doc__.split("\n")[0]
@@ -296,7 +301,7 @@ class Trainer:
             config = TestbedConfig.from_dict(saved or {})
         except (TypeError, ValueError) as exc:
             raise StateError(f"{where} holds no usable testbed config ({exc})") from exc
-        ours = {k: getattr(self.config, k) for k in DATA_FIELDS}
+        ours = _data_settings(self.config)
         if replace(config, **ours) != self.config:
             raise StateError(f"{where} was trained with a different config: {asdict(config)}")
         if config != self.config and not any_data:
@@ -322,7 +327,7 @@ class Trainer:
                 "steps": manifest["step"],
                 "samples": manifest["samples"],
                 "train_hours": round(manifest["elapsed_s"] / 3600, 3),
-                **{k: getattr(saved, k) for k in DATA_FIELDS},
+                **_data_settings(saved),
                 "data_seed": manifest.get("rng", {}).get("data_seed"),
                 "trained_by": manifest.get("trained_by"),
             }
@@ -334,8 +339,8 @@ class Trainer:
         self.own_record = {**self.own_record, "init_from": origin}
         self.trained_by = self.own_record
         if self.rank == 0:
-            before = " ".join(str(getattr(saved, k)) for k in DATA_FIELDS)
-            after = " ".join(str(getattr(self.config, k)) for k in DATA_FIELDS)
+            before = " ".join(_data_settings(saved).values())
+            after = " ".join(_data_settings(self.config).values())
             print(f"note: new run initialised from the weights of step {origin['steps']} "
                   f"(captions and clips: {before} -> {after})")  # fmt: skip
 
@@ -349,7 +354,7 @@ class Trainer:
         training = dict(record.get("training") or {})
         origin = {"checkpoint": describe_checkpoint(path), **training}
         origin.setdefault("steps", None)
-        origin.update({k: getattr(config, k) for k in DATA_FIELDS})
+        origin.update(_data_settings(config))
         return dict(model.named_parameters()), config, origin
 
     def _decode_weights(
