@@ -181,3 +181,63 @@ def test_tradeoff_plot_merges_results_files_and_names_a_bad_one(tmp_path):
     bad.write_text("{}")
     with pytest.raises(SystemExit, match=r"bad\.json: not a suite results file"):
         report_main([str(bad), "--tradeoff", str(out)])
+
+
+def test_suite_over_two_devices_matches_one(checkpoint, tmp_path):
+    """Two processes (both on the CPU here), one calibration profile: the merged results are
+    those of a one-device run, pair for pair, and a resumed run keeps every finished pair."""
+    from pasa.eval.parallel import deal, run_suite_parallel
+
+    kw = dict(
+        captions=["a red circle moves left.", "a blue square on a green background."],
+        seeds=[0, 5], densities=[0.25], strategies=["pasa", "static_window"], steps=4,
+        size=64, frames=8, progress=False,
+    )  # fmt: skip
+    one = run_suite(checkpoint, out_dir=tmp_path / "one", device="cpu", **kw)
+    two = run_suite_parallel(checkpoint, devices=["cpu", "cpu"], out_dir=tmp_path / "two", **kw)
+    assert deal([(0, 0), (0, 5), (1, 0), (1, 5)], 2) == [[(0, 0), (1, 0)], [(0, 5), (1, 5)]]
+    a, b = one.results, two.results
+    assert [(d["caption"], d["seed"]) for d in b["dense"]] == [(0, 0), (0, 5), (1, 0), (1, 5)]
+    assert [(d["caption"], d["seed"]) for d in a["dense"]] == [(0, 0), (0, 5), (1, 0), (1, 5)]
+    for x, y in zip(a["runs"], b["runs"], strict=True):
+        assert (x["caption"], x["seed"], x["strategy"]) == (y["caption"], y["seed"], y["strategy"])
+        assert x["metrics"]["psnr"] == pytest.approx(y["metrics"]["psnr"], abs=1e-6)
+        assert x["metrics"]["step_densities"] == y["metrics"]["step_densities"]
+    assert b["settings"]["budget profile"] == a["settings"]["budget profile"]
+    assert b["settings"]["device"] == "cpu x 2"
+    assert (tmp_path / "two" / "shards" / "1" / "results.json").is_file()
+    for key in ("table", "markdown", "psnr_plot"):
+        assert two.files[key].is_file()
+    merged = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert merged["summary"] == b["summary"]
+
+    # a cut-off run: share 1 lost its results; resuming on one extra device redoes only those
+    import shutil
+
+    shutil.rmtree(tmp_path / "two" / "shards" / "1")
+    (tmp_path / "two" / "results.json").unlink()
+    again = run_suite_parallel(
+        checkpoint, devices=["cpu", "cpu", "cpu"], out_dir=tmp_path / "two", resume=True, **kw
+    )
+    assert [(d["caption"], d["seed"]) for d in again.results["dense"]] == [
+        (0, 0), (0, 5), (1, 0), (1, 5)
+    ]  # fmt: skip
+    assert len(again.results["runs"]) == 8
+    redone = json.loads((tmp_path / "two" / "shards" / "0" / "results.json").read_text())
+    assert [(d["caption"], d["seed"]) for d in redone["dense"]] == [(0, 0), (1, 0), (0, 5)]
+
+
+def test_suite_devices_and_profile_errors(checkpoint, tmp_path, capsys):
+    from pasa.eval.parallel import merge_results, resolve_devices
+
+    assert resolve_devices(["cpu", "cuda:1"]) == ["cpu", "cuda:1"]
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_devices(["all"])
+    args = ["--checkpoint", str(checkpoint), "--out", str(tmp_path), "--no-progress"]
+    assert main([*args, "--budget-profile", str(tmp_path / "none.json"), "--device", "cpu"]) == 2
+    assert "budget profile not found" in capsys.readouterr().err
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "results.json").write_text("{")
+    with pytest.raises(ValueError, match="unreadable"):
+        merge_results([tmp_path / "a" / "results.json"], ["cpu"])

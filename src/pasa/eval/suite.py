@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ from pasa.eval.report import (
     write_results_markdown,
 )
 from pasa.eval.strategies import STRATEGIES, get_strategy
-from pasa.profile import BudgetProfile
+from pasa.profile import BudgetProfile, ProfileError
 from pasa.provenance import git_commit
 
 DENSITIES = (0.10, 0.15, 0.25)
@@ -131,6 +132,8 @@ def run_suite(
     progress: bool = True,
     resume: bool = False,
     command: str = "pasa eval",
+    pairs: Sequence[tuple[int, int]] | None = None,
+    budget_profile: str | Path | None = None,
 ) -> SuiteResult:
     """Run the suite and write its files (see the module docstring).
 
@@ -144,6 +147,10 @@ def run_suite(
         resume: keep the caption x seed pairs an earlier run with the same settings finished in
             ``out_dir/results.json`` and run only the rest (GPU calls with a time limit).
         command: how the page says to reproduce it.
+        pairs: run only these ``(caption index, seed)`` pairs (one device's share of a run
+            spread over several, :mod:`pasa.eval.parallel`); default: every pair.
+        budget_profile: a recorded calibration profile to allocate from instead of recording
+            one (copied into ``out_dir``); it must have ``steps`` steps.
     Raises:
         pasa.testbed.CheckpointError: a missing, truncated or foreign checkpoint.
         ValueError: an unknown strategy name, or ``resume`` onto results of other settings.
@@ -193,7 +200,10 @@ def run_suite(
     profile_path = None
     if any(s.calibrated for s in chosen):
         profile_path = out / "budget_profile.json"
-        profile = _resumed_profile(profile_path, steps) if done else None
+        if budget_profile is not None:
+            profile = _given_profile(Path(budget_profile), profile_path, steps)
+        else:
+            profile = _resumed_profile(profile_path, steps) if done else None
         if profile is None:
             profile = calibrate_profile(model, config, profile_path, **common)
         results["settings"]["budget profile"] = {
@@ -202,7 +212,13 @@ def run_suite(
             f"{CALIBRATION_DATA_SEED} (neither training nor this evaluation uses it)",
             "curvatures": profile.curvatures,
         }
-    todo = [(ci, seed) for ci in range(len(prompts)) for seed in seeds if (ci, seed) not in done]
+    wanted = None if pairs is None else {(int(c), int(s)) for c, s in pairs}
+    todo = [
+        (ci, seed)
+        for ci in range(len(prompts))
+        for seed in seeds
+        if (ci, seed) not in done and (wanted is None or (ci, seed) in wanted)
+    ]
     total = len(todo) * (1 + len(chosen) * len(densities))
     files: dict[str, Path] = {}
     table = ""
@@ -264,6 +280,18 @@ def _resumed_profile(path: Path, steps: int) -> BudgetProfile | None:
     return profile if profile.num_steps == steps else None
 
 
+def _given_profile(given: Path, path: Path, steps: int) -> BudgetProfile:
+    """Load the profile at ``given`` (it must have ``steps`` steps) and keep a copy at ``path``."""
+    profile = BudgetProfile.load(given)
+    if profile.num_steps != steps:
+        raise ValueError(
+            f"budget profile {given} has {profile.num_steps} steps; this run has {steps}"
+        )
+    if given.resolve() != path.resolve():
+        shutil.copyfile(given, path)
+    return profile
+
+
 def _resume(path: Path, results: dict[str, Any]) -> set[tuple[int, int]]:
     """Load the finished caption x seed pairs of ``path`` into ``results``; their keys."""
     if not path.is_file():
@@ -300,6 +328,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--results-md", help="results page (default: OUT/results.md)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument(
+        "--devices", nargs="+", metavar="DEVICE",
+        help="spread the caption x seed pairs over these devices, one process each "
+        "('all': every visible GPU); overrides --device",
+    )  # fmt: skip
+    parser.add_argument(
+        "--budget-profile", help="allocate from this recorded profile instead of calibrating"
+    )
+    parser.add_argument(
         "--resume", action="store_true", help="keep the caption x seed pairs OUT already has"
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -308,26 +344,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run_from_args(args: argparse.Namespace, command: str = "pasa eval") -> int:
     """Run the suite for parsed :func:`add_arguments` options; 2 on a checkpoint error."""
+    from pasa.eval.parallel import resolve_devices, run_suite_parallel
     from pasa.testbed.model import CheckpointError
 
+    options = dict(
+        captions=args.caption or args.captions,
+        seeds=args.seeds,
+        densities=args.densities,
+        strategies=args.strategies,
+        steps=args.steps,
+        size=args.size,
+        frames=args.frames,
+        out_dir=args.out,
+        results_md=args.results_md,
+        progress=not args.no_progress,
+        resume=args.resume,
+        command=command,
+    )
     try:
-        result = run_suite(
-            args.checkpoint,
-            captions=args.caption or args.captions,
-            seeds=args.seeds,
-            densities=args.densities,
-            strategies=args.strategies,
-            steps=args.steps,
-            size=args.size,
-            frames=args.frames,
-            out_dir=args.out,
-            results_md=args.results_md,
-            device=args.device,
-            progress=not args.no_progress,
-            resume=args.resume,
-            command=command,
-        )
-    except (CheckpointError, ImportError) as exc:
+        devices = resolve_devices(args.devices) if args.devices else [args.device]
+        if len(devices) > 1:
+            result = run_suite_parallel(
+                args.checkpoint, devices=devices, budget_profile=args.budget_profile, **options
+            )
+        else:
+            result = run_suite(
+                args.checkpoint, device=devices[0], budget_profile=args.budget_profile, **options
+            )
+    except (CheckpointError, ImportError, FileNotFoundError, ProfileError, RuntimeError) as exc:
         print(f"pasa eval: {exc}", file=sys.stderr)
         return 2
     print(result.table)
