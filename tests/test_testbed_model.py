@@ -85,13 +85,14 @@ def test_caption_order_defaults_presets_and_what_the_evaluation_writes():
     with pytest.raises(ValueError, match="caption_order must be one of"):
         TestbedConfig(caption_order="shuffled")
     shipped = TestbedConfig.from_dict(read_record(DEFAULT_CHECKPOINT)["config"])
-    assert shipped.caption_order == "objects_first"  # as it was trained
-    assert shipped.scene_style == "original"  # and on the clips of its day
+    assert shipped.caption_order == "scene_first"  # as it was trained (run 4)
+    assert shipped.scene_style == "bold"  # and on the clips it was trained on
+    assert shipped.clip_settings() == {"caption_order": "scene_first", "scene_style": "bold"}
     assert TestbedConfig().scene_style == "original"
     assert TESTBED.scene_style == TINY.scene_style == "bold"
     with pytest.raises(ValueError, match="scene_style must be one of"):
         TestbedConfig(scene_style="busy")
-    old = eval_captions(2, **shipped.clip_settings())
+    old = eval_captions(2, caption_order="objects_first", scene_style="original")
     new = eval_captions(2, caption_order="scene_first", scene_style="original")
     for a, b in zip(old, new, strict=True):
         assert a.startswith("a ") and "background" in a.split(". ")[-1]
