@@ -41,6 +41,7 @@ def test_ablations_differ_from_pasa_in_one_field():
         "pasa_step_window": {"steady_window": False},
         "pasa_isotropic_window": {"window_time_scale": 1.0},
         "pasa_no_stochastic": {"temperature": 0.0},
+        "pasa_tau010": {"temperature": 0.1},
         "pasa_no_curvature": {"budget": "fixed"},
         "pasa_approximate": {"approximate": "group_means"},
         "pasa_no_approximate": {"approximate": False},

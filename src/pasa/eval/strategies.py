@@ -40,6 +40,7 @@ pasa_local90              PASA with nine tenths of each row's count to the neare
 pasa_g32                  PASA with the grouped estimate at g = 32 (4 x 4 group pairs a block pair)
 pasa_no_grouped           PASA with one group per block (mean-pooled estimate)
 pasa_no_stochastic        PASA with deterministic routing (tau = 0)
+pasa_tau010               PASA with milder stochastic routing (tau = 0.1)
 pasa_no_curvature         PASA with a fixed per-step budget
 pasa_no_approximate       PASA without the approximate branch: exact blocks only (the defaults
                           before the Taylor tail)
@@ -209,6 +210,8 @@ STRATEGIES: dict[str, Strategy] = {
                  calibrated=True),
         Strategy("pasa_no_stochastic", "PASA without stochastic routing (tau = 0)",
                  _pasa(temperature=0.0), calibrated=True),
+        Strategy("pasa_tau010", "PASA with milder stochastic routing (tau = 0.1)",
+                 _pasa(temperature=0.1), calibrated=True),
         Strategy("pasa_no_curvature", "PASA without curvature budget (fixed per step)", _pasa()),
         Strategy("pasa_no_approximate",
                  "PASA without the approximate branch (exact blocks only)",
