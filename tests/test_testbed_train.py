@@ -348,3 +348,36 @@ def test_prefetched_batches_train_exactly_as_batches_made_in_the_step(tmp_path):
             assert torch.equal(got[1], want[1])
     finally:
         batches.close()
+
+
+def test_stall_watchdog_writes_every_threads_stack_and_nothing_without_a_stall(tmp_path):
+    import threading
+    import time
+
+    from pasa.testbed.train import StallWatchdog
+
+    quiet = StallWatchdog(tmp_path / "quiet.txt", 5.0)
+    quiet.arm()
+    quiet.arm()  # re-armed in time: no dump
+    quiet.close()
+    assert not (tmp_path / "quiet.txt").exists()
+
+    stop = threading.Event()
+    worker = threading.Thread(target=stop.wait, name="pasa-batch", daemon=True)
+    worker.start()
+    dog = StallWatchdog(tmp_path / "stall.txt", 0.2)
+    dog.arm()
+    time.sleep(0.7)  # a "step" that hangs
+    dog.close()
+    stop.set()
+    text = (tmp_path / "stall.txt").read_text()
+    assert "Timeout" in text and text.count("Thread 0x") >= 2  # this thread and the worker
+    assert "test_stall_watchdog" in text  # where the main thread stood
+    StallWatchdog(tmp_path / "off.txt", 0).arm()
+    assert not (tmp_path / "off.txt").exists()
+
+
+def test_a_run_leaves_no_stall_file(tmp_path):
+    out = tmp_path / "run"
+    Trainer(_args(out, "--total-steps", "2", "--stall-seconds", "60")).run()
+    assert (out / "state.pt").is_file() and not list(out.glob("stall-rank*"))

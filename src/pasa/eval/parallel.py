@@ -111,7 +111,6 @@ def merge_results(files: Sequence[Path], devices: Sequence[str]) -> dict[str, An
     order = sorted(dense, key=lambda k: (k[0], seeds.index(k[1]) if k[1] in seeds else k[1]))
     names = sorted({d["settings"]["device"] for _, d in parts})
     settings = {**first["settings"], "device": f"{' / '.join(names)} x {len(devices)}"}
-    settings.pop("summary", None)
     return {
         "settings": settings,
         "captions": first["captions"],

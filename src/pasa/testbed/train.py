@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import faulthandler
 import json
 import math
 import os
@@ -178,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(auto: on CUDA); the batches are the same either way",
     )
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    p.add_argument(
+        "--stall-seconds",
+        type=float,
+        default=180.0,
+        help="if no step (or the final save) finishes for this long, append every thread's "
+        "stack to OUT/stall-rank<R>.txt every SECONDS and keep waiting; 0: off",
+    )
     return p
 
 
@@ -640,8 +648,10 @@ class Trainer:
         on_cuda = self.device.type == "cuda"
         prefetch = args.prefetch == "on" or (args.prefetch == "auto" and on_cuda)
         batches = BatchPrefetcher(self) if prefetch else None
+        watchdog = StallWatchdog(self._stall_path(), getattr(args, "stall_seconds", 0.0))
         try:
             while total is None or self.step < total:
+                watchdog.arm()
                 if self._should_stop(start):
                     break
                 t0 = time.monotonic()
@@ -660,14 +670,50 @@ class Trainer:
                 if time.monotonic() - last_save > args.save_minutes * 60:
                     self.save()
                     last_save = time.monotonic()
+            watchdog.arm()  # the final save waits for every rank
+            bar.close()
+            self.save()
+            if self.rank == 0 and args.export:
+                self.export(args.export)
         finally:
+            watchdog.close()
             if batches is not None:
                 batches.close()
-        bar.close()
-        self.save()
-        if self.rank == 0 and args.export:
-            self.export(args.export)
         return {"step": self.step, "samples": self.samples, "log": log}
+
+    def _stall_path(self) -> Path:
+        return self.out / f"stall-rank{self.rank}.txt"
+
+
+class StallWatchdog:
+    """Writes every thread's Python stack to ``path`` when :meth:`arm` is not called again
+    within ``seconds``, and again every ``seconds`` after (``faulthandler.dump_traceback_later``;
+    the run goes on). A hung collective or a stuck batch thread then leaves a trace that a call
+    script can bring back after ending the run with ``timeout``. An unused file is removed on
+    :meth:`close`. ``seconds`` <= 0 turns it off."""
+
+    def __init__(self, path: Path, seconds: float) -> None:
+        self.path, self.seconds, self.file = path, float(seconds), None
+
+    def arm(self) -> None:
+        if self.seconds <= 0:
+            return
+        if self.file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "a")  # noqa: SIM115 (kept open for the dump thread)
+        faulthandler.dump_traceback_later(self.seconds, repeat=True, file=self.file)
+
+    def close(self) -> None:
+        if self.file is None:
+            return
+        faulthandler.cancel_dump_traceback_later()
+        self.file.close()
+        self.file = None
+        try:
+            if self.path.stat().st_size == 0:
+                self.path.unlink()  # no stall: leave nothing behind
+        except OSError:
+            pass
 
 
 class BatchPrefetcher:
