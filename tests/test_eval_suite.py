@@ -231,10 +231,12 @@ def test_suite_devices_and_profile_errors(checkpoint, tmp_path, capsys):
     from pasa.eval.parallel import merge_results, resolve_devices
 
     assert resolve_devices(["cpu", "cuda:1"]) == ["cpu", "cuda:1"]
+    args = ["--checkpoint", str(checkpoint), "--out", str(tmp_path), "--no-progress"]
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             resolve_devices(["all"])
-    args = ["--checkpoint", str(checkpoint), "--out", str(tmp_path), "--no-progress"]
+        assert main([*args, "--devices", "all"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
     assert main([*args, "--budget-profile", str(tmp_path / "none.json"), "--device", "cpu"]) == 2
     assert "budget profile not found" in capsys.readouterr().err
     (tmp_path / "a").mkdir()

@@ -49,7 +49,7 @@ from pasa.eval.report import (
     write_results_markdown,
 )
 from pasa.eval.strategies import STRATEGIES, get_strategy
-from pasa.profile import BudgetProfile, ProfileError
+from pasa.profile import BudgetProfile
 from pasa.provenance import git_commit
 
 DENSITIES = (0.10, 0.15, 0.25)
@@ -343,7 +343,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run_from_args(args: argparse.Namespace, command: str = "pasa eval") -> int:
-    """Run the suite for parsed :func:`add_arguments` options; 2 on a checkpoint error."""
+    """Run the suite for parsed :func:`add_arguments` options; 2 (with the reason on stderr) on
+    a checkpoint, profile, device or resume error."""
     from pasa.eval.parallel import resolve_devices, run_suite_parallel
     from pasa.testbed.model import CheckpointError
 
@@ -371,7 +372,7 @@ def run_from_args(args: argparse.Namespace, command: str = "pasa eval") -> int:
             result = run_suite(
                 args.checkpoint, device=devices[0], budget_profile=args.budget_profile, **options
             )
-    except (CheckpointError, ImportError, FileNotFoundError, ProfileError, RuntimeError) as exc:
+    except (CheckpointError, ImportError, OSError, ValueError, RuntimeError) as exc:
         print(f"pasa eval: {exc}", file=sys.stderr)
         return 2
     print(result.table)
