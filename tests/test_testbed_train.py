@@ -86,6 +86,27 @@ def test_sampler_shape_seed_and_callback():
     assert small.frames.shape == (3, 2, 16, 24)
 
 
+def test_ancestral_sampling_is_seeded_and_reduces_to_euler():
+    torch.manual_seed(0)
+    model = build_model(TINY).eval()
+    kw = dict(seed=5, num_steps=4)
+    euler = sample(model, TINY, "a red circle", **kw).frames
+    assert torch.equal(sample(model, TINY, "a red circle", eta=0.0, **kw).frames, euler)
+    # the x0 / noise split with no fresh noise is the Euler step, up to rounding
+    near = sample(model, TINY, "a red circle", eta=1e-9, **kw).frames
+    assert torch.allclose(near, euler, atol=1e-5)
+    a = sample(model, TINY, "a red circle", eta=1.0, **kw).frames
+    assert torch.equal(a, sample(model, TINY, "a red circle", eta=1.0, **kw).frames)
+    assert not torch.allclose(a, euler, atol=1e-3)
+    assert not torch.equal(
+        a, sample(model, TINY, "a red circle", eta=1.0, seed=6, num_steps=4).frames
+    )
+    one = sample(model, TINY, "a red circle", eta=1.0, seed=5, num_steps=1).frames
+    assert torch.equal(one, sample(model, TINY, "a red circle", seed=5, num_steps=1).frames)
+    with pytest.raises(ValueError, match="eta"):
+        sample(model, TINY, "a red circle", eta=1.5, **kw)
+
+
 # -- the compact state (--state-out / --resume-from) -------------------------------------------
 
 

@@ -1,4 +1,7 @@
-"""Euler flow-matching sampler for the testbed model: a caption and a seed -> a clip.
+"""Flow-matching sampler for the testbed model: a caption and a seed -> a clip.
+
+Euler steps on the velocity by default; ``eta > 0`` re-draws part of the noise at every step
+(ancestral sampling, below).
 
 The transformer is a plain diffusers ``WanTransformer3DModel`` called with
 ``(hidden_states, timestep, encoder_hidden_states)``. Apply PASA to it first
@@ -18,6 +21,7 @@ import torch
 
 from pasa.testbed.flow import NUM_TRAIN_TIMESTEPS, sigma_schedule
 from pasa.testbed.model import TestbedConfig, latents_to_pixels
+from pasa.testbed.scene import mix_seed
 
 StepCallback = Callable[[int, float, torch.Tensor, torch.Tensor], None]
 
@@ -62,6 +66,7 @@ def sample(
     num_steps: int = 20,
     shift: float = 3.0,
     guidance: float = 1.0,
+    eta: float = 0.0,
     frames: int | None = None,
     height: int | None = None,
     width: int | None = None,
@@ -74,6 +79,12 @@ def sample(
         config: the model's :class:`TestbedConfig` (codec, text encoder, default size).
         caption: text prompt; same seed and caption give the same starting noise.
         guidance: classifier-free guidance scale; 1 runs only the conditional call.
+        eta: stochasticity in [0, 1]. Each step splits ``x_t`` into the predicted clean clip
+            ``x0 = x_t - t v`` and noise ``e = x_t + (1 - t) v`` and moves to
+            ``(1 - t') x0 + t' e'``. With ``e' = e`` that is exactly the Euler step (``eta = 0``,
+            the default); ``e' = sqrt(1 - eta^2) e + eta z`` mixes in fresh noise ``z`` (drawn on
+            the CPU from ``seed``, so device-independent), ``eta = 1`` re-draws it entirely
+            (ancestral sampling), which corrects errors the trajectory has accumulated.
         frames, height, width: clip size in frames and pixels (default: the config's).
         on_step: ``callback(step, t, x_t, v)`` after each model evaluation (latents ``x_t`` and
             guided velocity ``v``, both ``(1, C, F, h, w)``).
@@ -86,7 +97,10 @@ def sample(
     encoder = config.text_encoder()
     cond, _ = encoder([caption], device=device)
     uncond, _ = encoder([""], device=device)
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta={eta} must be in [0, 1]")
     x = initial_noise(config, seed, frames=frames, height=height, width=width).to(device)
+    fresh = torch.Generator().manual_seed(mix_seed(seed, 0, salt=0x5EED)) if eta > 0 else None
     times = sigma_schedule(num_steps, shift)
     steps: list[StepInfo] = []
     try:
@@ -102,7 +116,13 @@ def sample(
                 v = v_u + guidance * (v - v_u)
             if on_step is not None:
                 on_step(i, t, x, v)
-            x = x + (t_next - t) * v
+            if fresh is None or t_next == 0.0:
+                x = x + (t_next - t) * v
+            else:
+                z = torch.randn(x.shape, generator=fresh).to(device)
+                x0, noise = x - t * v, x + (1 - t) * v
+                noise = (1 - eta * eta) ** 0.5 * noise + eta * z
+                x = (1 - t_next) * x0 + t_next * noise
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             rms = float(v.pow(2).mean().sqrt())
@@ -162,6 +182,12 @@ def main(argv: list[str] | None = None) -> int:
         default=1.0,
         help="classifier-free guidance scale (default 1: conditional only)",
     )
+    parser.add_argument(
+        "--eta",
+        type=float,
+        default=0.0,
+        help="fresh noise per step, 0 (Euler, default) to 1 (ancestral sampling)",
+    )
     parser.add_argument("--size", type=int, help="clip side in pixels (default: the model's)")
     parser.add_argument("--every", type=int, default=3, help="keep every n-th frame (default 3)")
     parser.add_argument("--out", default="samples", help="folder for PNGs and captions.json")
@@ -171,10 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     model, config, record = load_model(args.checkpoint, device)
     if args.guidance <= 0 or (args.size is not None and args.size % (2 * config.pixel_factor)):
         parser.error(f"need --guidance > 0 and --size a multiple of {2 * config.pixel_factor}")
+    if not 0 <= args.eta <= 1:
+        parser.error("need 0 <= --eta <= 1")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     index = {"checkpoint": describe_checkpoint(args.checkpoint), "steps": args.steps,
-             "seed": args.seed, "guidance": args.guidance, "size": args.size or config.height,
+             "seed": args.seed, "guidance": args.guidance, "eta": args.eta,
+             "size": args.size or config.height,
              "training": record.get("training"), "samples": []}  # fmt: skip
     for i, caption in enumerate(eval_captions(args.captions, **config.clip_settings())):
         result = sample(
@@ -184,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             num_steps=args.steps,
             guidance=args.guidance,
+            eta=args.eta,
             height=args.size,
             width=args.size,
         )
