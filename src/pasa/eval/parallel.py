@@ -119,7 +119,7 @@ def merge_results(files: Sequence[Path], devices: Sequence[str]) -> dict[str, An
     }
 
 
-def _shard_main(index: int, device: str, kwargs: dict[str, Any], log: str) -> None:
+def _shard_main(device: str, kwargs: dict[str, Any], log: str) -> None:
     """One share, in its own process: the suite on ``device`` with output to ``log``."""
     with open(log, "a", buffering=1) as handle:
         sys.stdout = sys.stderr = handle
@@ -144,8 +144,9 @@ def run_suite_parallel(
 ) -> _suite.SuiteResult:
     """:func:`~pasa.eval.suite.run_suite` over ``devices``, one process each (see the module
     docstring); ``options`` are run_suite's (captions, seeds, densities, strategies, steps,
-    size, frames); ``budget_profile`` is shared by every share instead of one recorded here. Raises what run_suite raises, and RuntimeError naming the log of a share
-    that failed (after merging what the others finished)."""
+    size, frames); ``budget_profile`` is shared by every share instead of one recorded here.
+    Raises what run_suite raises, and RuntimeError naming the log of a share that failed (after
+    merging what the others finished)."""
     import multiprocessing
 
     from tqdm import tqdm
@@ -173,14 +174,10 @@ def run_suite_parallel(
         options["captions"] = eval_captions(count, **config.clip_settings())
     profile_path = out / "budget_profile.json"
     if any(get_strategy(n).calibrated for n in names):
-        if budget_profile is not None:
-            profile = _suite._given_profile(Path(budget_profile), profile_path, steps)
-        else:
-            profile = _suite._resumed_profile(profile_path, steps) if resume else None
-        if profile is None:
-            _suite.calibrate_profile(
-                model, config, profile_path, num_steps=steps, frames=frames, size=size
-            )
+        _suite.suite_profile(
+            model, config, profile_path, given=budget_profile, reuse=resume,
+            num_steps=steps, frames=frames, size=size,
+        )  # fmt: skip
         options["budget_profile"] = profile_path
     del model
     if torch.cuda.is_available():
@@ -201,7 +198,7 @@ def run_suite_parallel(
         kwargs = dict(options, checkpoint=checkpoint, out_dir=folder, pairs=share,
                       results_md=folder / "results.md", resume=resume, command=command)  # fmt: skip
         log = folder / "log.txt"
-        proc = ctx.Process(target=_shard_main, args=(k, device, kwargs, str(log)), daemon=False)
+        proc = ctx.Process(target=_shard_main, args=(device, kwargs, str(log)), daemon=False)
         proc.start()
         procs.append((k, proc, log))
 

@@ -200,12 +200,9 @@ def run_suite(
     profile_path = None
     if any(s.calibrated for s in chosen):
         profile_path = out / "budget_profile.json"
-        if budget_profile is not None:
-            profile = _given_profile(Path(budget_profile), profile_path, steps)
-        else:
-            profile = _resumed_profile(profile_path, steps) if done else None
-        if profile is None:
-            profile = calibrate_profile(model, config, profile_path, **common)
+        profile = suite_profile(
+            model, config, profile_path, given=budget_profile, reuse=bool(done), **common
+        )
         results["settings"]["budget profile"] = {
             "file": profile_path.name,
             "calibration caption": "first caption of data seed "
@@ -278,6 +275,30 @@ def _resumed_profile(path: Path, steps: int) -> BudgetProfile | None:
     except (OSError, ValueError):  # unreadable or not a profile: record it again
         return None
     return profile if profile.num_steps == steps else None
+
+
+def suite_profile(
+    model: torch.nn.Module,
+    config: Any,
+    path: Path,
+    *,
+    given: str | Path | None,
+    reuse: bool,
+    num_steps: int,
+    frames: int,
+    size: int,
+) -> BudgetProfile:
+    """The calibration profile a suite allocates from, saved at ``path``: ``given`` (copied
+    there), else the one already at ``path`` when ``reuse`` (a resumed run), else one recorded
+    now by :func:`calibrate_profile`."""
+    if given is not None:
+        return _given_profile(Path(given), path, num_steps)
+    profile = _resumed_profile(path, num_steps) if reuse else None
+    if profile is None:
+        profile = calibrate_profile(
+            model, config, path, num_steps=num_steps, frames=frames, size=size
+        )
+    return profile
 
 
 def _given_profile(given: Path, path: Path, steps: int) -> BudgetProfile:

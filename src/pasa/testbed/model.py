@@ -62,15 +62,16 @@ class TestbedConfig:
     freq_dim: int = 256
     text_dim: int = 64
     max_text_tokens: int = 96
-    # "none": one hashed vector per word (the shipped checkpoint); "bigram": each word also
-    # carries its bigrams with its neighbours (pasa/testbed/text.py), the preset for new runs.
+    # "none": one hashed vector per word (run 1); "bigram": each word also carries its bigrams
+    # with its neighbours (pasa/testbed/text.py), the preset and the shipped checkpoint's.
+    # A config without one of these three fields means what the first runs used.
     text_context: str = "none"
-    # How captions are written (pasa/testbed/scene.py's caption()): "objects_first" (the shipped
-    # checkpoint) or "scene_first" (count, camera and background first), the preset for new runs.
+    # How captions are written (pasa/testbed/scene.py's caption()): "objects_first" (runs 1-2) or
+    # "scene_first" (count, camera and background first), the preset and the shipped checkpoint's.
     caption_order: str = "objects_first"
-    # What the clips look like (pasa/testbed/scene.py's SCENE_STYLES): "original" (the shipped
-    # checkpoint: 3-8 objects, often small, full-contrast backgrounds) or "bold" (2-6 bigger
-    # objects, backgrounds at a third of the contrast), the preset for new runs.
+    # What the clips look like (pasa/testbed/scene.py's SCENE_STYLES): "original" (runs 1-3: 3-8
+    # objects, often small, full-contrast backgrounds) or "bold" (2-6 bigger objects, backgrounds
+    # at a third of the contrast), the preset and the shipped checkpoint's (run 4).
     scene_style: str = "original"
 
     def __post_init__(self) -> None:
@@ -139,9 +140,9 @@ class TestbedConfig:
         return cls(**data)
 
 
-# The shipped model's shape (about 9.6M parameters, 19 MB in bf16; the shipped checkpoint itself
-# has bigram captions with the objects first) and a tiny one for CPU tests; new training runs use
-# bigram captions with the scene first.
+# The shipped model's shape and data (9.15M parameters, 18.3 MB in bf16; bigram captions with
+# the scene first, bold clips: the shipped checkpoint, run 4, and new training runs) and a tiny
+# one for CPU tests.
 TESTBED = TestbedConfig(text_context="bigram", caption_order="scene_first", scene_style="bold")
 TINY = TestbedConfig(
     frames=4, height=32, width=32, pixel_factor=2, num_layers=2, num_heads=2, head_dim=12,

@@ -67,8 +67,8 @@ class SceneStyle:
     background_contrast: float
 
 
-# "original": the data of the shipped checkpoint (3-8 objects, often small, on full-contrast
-# backgrounds). "bold": the preset for new runs. Fewer and bigger objects on backgrounds at a third
+# "original": the data of runs 1-3 (3-8 objects, often small, on full-contrast backgrounds).
+# "bold": the preset, and the shipped checkpoint's (run 4). Fewer and bigger objects on backgrounds at a third
 # of the contrast; every texture kind stays, on objects and backgrounds alike. A 9M-parameter
 # model trained on "original" denoises its objects well but samples only background texture
 # (docs/testbed.md), because objects cover a few percent of the pixels and so of the loss.
@@ -282,7 +282,7 @@ def caption(scene: Scene, order: str = "scene_first") -> str:
     ``order="scene_first"`` (new training runs): the count, camera and background first,
     ``"two shapes. the camera pans right and zooms in over a checkered green background that
     turns yellow. a red striped circle bounces left. a small blue dotted square stays still."``;
-    ``"objects_first"`` (the shipped checkpoint): the same sentences with the objects first.
+    ``"objects_first"`` (runs 1 and 2): the same sentences with the objects first.
 
     With the scene first its words (the background's colour above all, what the model needs most
     from the text at high noise) stand at nearly the same positions in every caption; a small

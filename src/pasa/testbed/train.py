@@ -99,21 +99,21 @@ def build_parser() -> argparse.ArgumentParser:
         choices=CONTEXTS,
         default=None,
         help="caption encoding (default: the preset's, 'bigram'; 'none' continues a state "
-        "trained before bigram captions, such as the shipped checkpoint's)",
+        "trained before bigram captions, such as run 1's)",
     )
     p.add_argument(
         "--caption-order",
         choices=CAPTION_ORDERS,
         default=None,
         help="how captions are written (default: the preset's, 'scene_first'; 'objects_first' "
-        "continues a state trained before, such as the shipped checkpoint's run)",
+        "continues a state trained before, such as run 2's)",
     )
     p.add_argument(
         "--scene-style",
         choices=tuple(SCENE_STYLES),
         default=None,
         help="what the clips look like (default: the preset's, 'bold'; 'original' continues a "
-        "state trained before, such as the shipped checkpoint's run)",
+        "state trained before, such as run 3's)",
     )
     p.add_argument("--resume", action="store_true", help="continue from OUT/state.pt if present")
     p.add_argument(
@@ -302,7 +302,7 @@ class Trainer:
         self, saved: dict | None, where: Path, any_data: bool = False
     ) -> TestbedConfig:
         """The saved config; refuse a state trained with another model or data (fields missing
-        from an older state take the defaults of the shipped run: ``text_context`` "none",
+        from an older state take the defaults of the first runs: ``text_context`` "none",
         ``caption_order`` "objects_first", ``scene_style`` "original"). ``any_data`` accepts
         other :data:`DATA_FIELDS` (captions and clips; the same model shapes)."""
         try:
@@ -648,7 +648,7 @@ class Trainer:
         on_cuda = self.device.type == "cuda"
         prefetch = args.prefetch == "on" or (args.prefetch == "auto" and on_cuda)
         batches = BatchPrefetcher(self) if prefetch else None
-        watchdog = StallWatchdog(self._stall_path(), getattr(args, "stall_seconds", 0.0))
+        watchdog = StallWatchdog(self.out / f"stall-rank{self.rank}.txt", args.stall_seconds)
         try:
             while total is None or self.step < total:
                 watchdog.arm()
@@ -670,6 +670,8 @@ class Trainer:
                 if time.monotonic() - last_save > args.save_minutes * 60:
                     self.save()
                     last_save = time.monotonic()
+            if batches is not None:
+                batches.close()  # before the final save (closing twice is harmless)
             watchdog.arm()  # the final save waits for every rank
             bar.close()
             self.save()
@@ -680,9 +682,6 @@ class Trainer:
             if batches is not None:
                 batches.close()
         return {"step": self.step, "samples": self.samples, "log": log}
-
-    def _stall_path(self) -> Path:
-        return self.out / f"stall-rank{self.rank}.txt"
 
 
 class StallWatchdog:
