@@ -167,3 +167,29 @@ def test_non_finite_attention_input_raises_after_the_model_call(model):
         handle.remove()
         remove(model)
     assert torch.isfinite(_clip(model)).all()  # removed, and nothing left behind
+
+
+def test_a_sample_predicting_testbed_model_is_hooked_like_wan():
+    # The x-prediction subclass returns the velocity, so PASA's step counting and curvature see
+    # what they see on a stock Wan; with every block computed the clip is the stock one.
+    from dataclasses import replace
+
+    config = replace(TINY, prediction="sample")
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    stock = sample(model, config, "a red circle moves left", seed=3, num_steps=STEPS).frames
+
+    def everything(layout, step, layer, q, k):
+        mask = torch.ones(q.shape[0], q.shape[2], layout.num_blocks, layout.num_blocks,
+                          dtype=torch.bool)  # fmt: skip
+        return BlockPlan.from_dense_mask(mask, layout)
+
+    apply(model, replace(CONFIG, budget="online"), plan_provider=everything)
+    try:
+        full = sample(model, config, "a red circle moves left", seed=3, num_steps=STEPS).frames
+        report = last_report(model)
+    finally:
+        remove(model)
+    torch.testing.assert_close(full, stock, rtol=0, atol=ATOL)
+    assert report.model == "SamplePredictingWan" and len(report.steps) == STEPS
+    assert [c is not None for c in report.curvatures] == [False] + [True] * (STEPS - 1)

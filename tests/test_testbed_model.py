@@ -98,3 +98,39 @@ def test_caption_order_defaults_presets_and_what_the_evaluation_writes():
         assert a.startswith("a ") and "background" in a.split(". ")[-1]
         assert b.split(". ")[0].endswith(" shapes")
         assert sorted(a.rstrip(".").split(". ")) == sorted(b.rstrip(".").split(". "))
+
+
+def test_sample_prediction_returns_the_velocity_of_its_clean_clip(tmp_path):
+    from dataclasses import replace
+
+    from diffusers import WanTransformer3DModel
+
+    from pasa.testbed.model import T_MIN, velocity_from_sample
+
+    config = replace(TINY, prediction="sample")
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    assert isinstance(model, WanTransformer3DModel)  # PASA's Wan family applies to it
+    plain = WanTransformer3DModel(**config.transformer_kwargs()).eval()
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(3, config.latent_channels, 4, 16, 16)
+    text = torch.randn(3, 5, config.text_dim)
+    t = torch.tensor([0.9, 0.3, 0.01])
+    with torch.no_grad():
+        v = model(hidden_states=x, timestep=1000 * t, encoder_hidden_states=text).sample
+        x0 = plain(hidden_states=x, timestep=1000 * t, encoder_hidden_states=text).sample
+        as_tuple = model(x, 1000 * t, text, return_dict=False)[0]
+    assert torch.equal(v, as_tuple) and v.dtype == torch.float32
+    # (x_t - x0) / t, with t clipped at T_MIN: the last item's t (0.01) divides by 0.05
+    divisor = t.clamp(min=T_MIN).view(-1, 1, 1, 1, 1)
+    torch.testing.assert_close(v, (x - x0) / divisor)
+    # the sampler's x0 = x_t - t v gives back the network's clean clip
+    torch.testing.assert_close(x[:2] - t[:2].view(-1, 1, 1, 1, 1) * v[:2], x0[:2])
+    with pytest.raises(ValueError, match="one per batch item"):
+        velocity_from_sample(x, x0, torch.ones(2))
+    path = save_testbed(model, config, tmp_path / "x.safetensors", training={"steps": 0})
+    loaded, loaded_config, _ = load_testbed(path)
+    assert loaded_config.prediction == "sample" and type(loaded) is type(model)
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        replace(TINY, prediction="noise")
+    assert TINY.prediction == TESTBED.prediction == "velocity"  # runs 1-4; old configs too

@@ -214,6 +214,7 @@ def test_compact_resume_continues(tmp_path):
         ("--text-context", "none", "text_context"),
         ("--caption-order", "objects_first", "caption_order"),
         ("--scene-style", "original", "scene_style"),
+        ("--prediction", "sample", "prediction"),
     ],
 )
 def test_state_of_other_captions_is_refused_with_the_flag_to_continue_it(tmp_path, flag, value,
@@ -290,6 +291,20 @@ def test_init_from_a_checkpoint_file_takes_its_bf16_weights_and_record(tmp_path)
     assert (
         load_testbed(new.export(tmp_path / "new.safetensors"))[2]["training"]["init_from"]["steps"]
         == 2
+    )
+    # A warm start may switch the head to predicting the clean clip: same weights, new meaning.
+    switched = Trainer(_args(tmp_path / "s", "--total-steps", "2", "--prediction", "sample",
+                             "--init-from", str(ckpt)))  # fmt: skip
+    assert switched.config.prediction == "sample" and switched.step == 0
+    assert type(switched.model).__name__ == "SamplePredictingWan"
+    head = switched.model.proj_out  # its meaning changed: it starts at zero, the rest is kept
+    assert not head.weight.any() and not head.bias.any() and not switched.ema.proj_out.weight.any()
+    kept = old.ema.blocks[0].ffn.net[2].weight.to(torch.bfloat16).float()
+    assert torch.equal(switched.model.blocks[0].ffn.net[2].weight, kept)
+    switched.run()
+    _, config, record = load_testbed(switched.export(tmp_path / "x.safetensors"))
+    assert config.prediction == "sample" and record["training"]["init_from"]["prediction"] == (
+        "velocity"
     )
     (tmp_path / "bad.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(StateError, match="unreadable"):

@@ -9,6 +9,17 @@ Checkpoints are safetensors; the header's metadata key ``pasa_testbed`` holds JS
 :class:`TestbedConfig`, the training record (steps, data seed, ...) and a format version; a JSON
 copy is written beside the file for people. :func:`load_testbed` raises :class:`CheckpointError`
 naming the problem for a missing, truncated or foreign file.
+
+What the transformer's output means is the config's ``prediction``. With ``"velocity"`` (runs
+1-4) the network's last layer predicts the flow velocity ``v = noise - x_0`` directly. With
+``"sample"`` it predicts the clean latents ``x_0`` and the model's forward turns them into the
+velocity ``(x_t - x_0) / max(t, T_MIN)`` (x-prediction with a velocity loss, as in Li & He,
+"Back to Basics: Let Denoising Generative Models Denoise", 2025). The two models are the same
+``WanTransformer3DModel`` with the same weights' shapes and both return a velocity, so the
+trainer's loss, the sampler and PASA's hooks cannot tell them apart. Why it matters here: a
+token's patch holds ``3 f^2 * 4`` = 192 pixel values and the residual stream 256 channels; a
+velocity head has to carry the token's noise, which fills most of that stream, through every
+layer, while clean patches of procedural shapes lie near a far smaller set.
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, fields
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +39,10 @@ from pasa.testbed.text import CONTEXTS, HashedTextEncoder
 FORMAT_VERSION = 1
 METADATA_KEY = "pasa_testbed"
 DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoint" / "testbed.safetensors"
+PREDICTIONS = ("velocity", "sample")
+# A sample-predicting model divides by t; below this the velocity's error would be amplified
+# without bound (Li & He clip the same division at 0.05).
+T_MIN = 0.05
 
 
 def describe_checkpoint(path: str | os.PathLike) -> str:
@@ -73,10 +89,16 @@ class TestbedConfig:
     # objects, often small, full-contrast backgrounds) or "bold" (2-6 bigger objects, backgrounds
     # at a third of the contrast), the preset and the shipped checkpoint's (run 4).
     scene_style: str = "original"
+    # What the network's last layer predicts (module docstring): "velocity" (runs 1-4, and what
+    # a config without the field means) or "sample" (the clean latents). Both models return
+    # the velocity.
+    prediction: str = "velocity"
 
     def __post_init__(self) -> None:
         check_caption_order(self.caption_order)
         check_scene_style(self.scene_style)
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
         if self.text_context not in CONTEXTS:
             raise ValueError(f"text_context must be one of {CONTEXTS}, got {self.text_context!r}")
         step = 2 * self.pixel_factor
@@ -169,10 +191,48 @@ def latents_to_pixels(latents: torch.Tensor, factor: int) -> torch.Tensor:
 
 
 def build_model(config: TestbedConfig = TESTBED):
-    """A freshly initialised ``WanTransformer3DModel`` for ``config`` (fp32)."""
+    """A freshly initialised ``WanTransformer3DModel`` for ``config`` (fp32): the diffusers class
+    itself for ``prediction="velocity"``, :func:`sample_predicting_wan`'s subclass for
+    ``"sample"``."""
+    if config.prediction == "sample":
+        return sample_predicting_wan()(**config.transformer_kwargs())
     from diffusers import WanTransformer3DModel
 
     return WanTransformer3DModel(**config.transformer_kwargs())
+
+
+def velocity_from_sample(
+    x_t: torch.Tensor, sample: torch.Tensor, timestep: torch.Tensor
+) -> torch.Tensor:
+    """The flow velocity ``(x_t - x_0) / max(t, T_MIN)`` of predicted clean latents ``sample``
+    at Wan timesteps ``timestep`` (``1000 t``; a scalar or one per batch item), in float32."""
+    t = timestep.detach().to(torch.float32) / 1000.0
+    if t.dim() > 1 or (t.dim() == 1 and t.numel() not in (1, x_t.shape[0])):
+        raise ValueError(
+            f"timestep of shape {tuple(timestep.shape)}: give one per batch item "
+            f"({x_t.shape[0]}) or a scalar"
+        )
+    t = t.clamp(min=T_MIN).reshape(-1, *([1] * (x_t.dim() - 1)))
+    return (x_t.to(torch.float32) - sample.to(torch.float32)) / t
+
+
+@lru_cache(maxsize=1)
+def sample_predicting_wan() -> type:
+    """``SamplePredictingWan``: a ``WanTransformer3DModel`` whose network predicts the clean
+    latents and whose ``forward`` returns their velocity (:func:`velocity_from_sample`), float32.
+    Made on first use so that importing this module does not import diffusers."""
+    from diffusers import WanTransformer3DModel
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    class SamplePredictingWan(WanTransformer3DModel):
+        """Wan with an x-prediction head; returns the velocity like its parent."""
+
+        def forward(self, hidden_states, timestep, *args, return_dict=True, **kwargs):
+            sample = super().forward(hidden_states, timestep, *args, return_dict=False, **kwargs)[0]
+            velocity = velocity_from_sample(hidden_states, sample, timestep)
+            return Transformer2DModelOutput(sample=velocity) if return_dict else (velocity,)
+
+    return SamplePredictingWan
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from pasa.testbed.data import clip_indices, make_batch
 from pasa.testbed.flow import NUM_TRAIN_TIMESTEPS, noisy_input, sample_time
 from pasa.testbed.model import (
+    PREDICTIONS,
     PRESETS,
     CheckpointError,
     TestbedConfig,
@@ -78,14 +79,15 @@ def _read_log(path: Path, upto_step: int) -> list[dict]:
     return [row for row in rows if row.get("step", 0) <= upto_step]
 
 
-# The config fields that say what the model was trained on rather than its shape: a warm start
-# (--init-from) may change them; a resume must keep them (the flags name the saved ones).
-DATA_FIELDS = ("text_context", "caption_order", "scene_style")
+# The config fields that say what the model was trained on and what its output means rather than
+# its shape: a warm start (--init-from) may change them; a resume must keep them (the flags name
+# the saved ones).
+WARM_START_FIELDS = ("text_context", "caption_order", "scene_style", "prediction")
 
 
-def _data_settings(config: TestbedConfig) -> dict[str, str]:
-    """``config``'s :data:`DATA_FIELDS`, by name."""
-    return {k: getattr(config, k) for k in DATA_FIELDS}
+def _warm_start_settings(config: TestbedConfig) -> dict[str, str]:
+    """``config``'s :data:`WARM_START_FIELDS`, by name."""
+    return {k: getattr(config, k) for k in WARM_START_FIELDS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="what the clips look like (default: the preset's, 'bold'; 'original' continues a "
         "state trained before, such as run 3's)",
+    )
+    p.add_argument(
+        "--prediction",
+        choices=PREDICTIONS,
+        default=None,
+        help="what the network's last layer predicts: 'velocity' (default: the preset's, runs "
+        "1-4) or 'sample', the clean clip, turned into the velocity in the model's forward "
+        "(pasa/testbed/model.py); --init-from a velocity checkpoint may switch it",
     )
     p.add_argument("--resume", action="store_true", help="continue from OUT/state.pt if present")
     p.add_argument(
@@ -253,7 +263,7 @@ class Trainer:
         else:
             self.device = torch.device("cpu")
         self.config = PRESETS[args.preset]
-        chosen = {k: getattr(args, k, None) for k in DATA_FIELDS}
+        chosen = {k: getattr(args, k, None) for k in WARM_START_FIELDS}
         self.config = replace(self.config, **{k: v for k, v in chosen.items() if v is not None})
         self.sizes, self.size_weights = _parse_sizes(args, self.config)
         self.text = self.config.text_encoder()
@@ -304,12 +314,12 @@ class Trainer:
         """The saved config; refuse a state trained with another model or data (fields missing
         from an older state take the defaults of the first runs: ``text_context`` "none",
         ``caption_order`` "objects_first", ``scene_style`` "original"). ``any_data`` accepts
-        other :data:`DATA_FIELDS` (captions and clips; the same model shapes)."""
+        other :data:`WARM_START_FIELDS` (captions, clips, prediction; the same model shapes)."""
         try:
             config = TestbedConfig.from_dict(saved or {})
         except (TypeError, ValueError) as exc:
             raise StateError(f"{where} holds no usable testbed config ({exc})") from exc
-        ours = _data_settings(self.config)
+        ours = _warm_start_settings(self.config)
         if replace(config, **ours) != self.config:
             raise StateError(f"{where} was trained with a different config: {asdict(config)}")
         if config != self.config and not any_data:
@@ -335,22 +345,29 @@ class Trainer:
                 "steps": manifest["step"],
                 "samples": manifest["samples"],
                 "train_hours": round(manifest["elapsed_s"] / 3600, 3),
-                **_data_settings(saved),
+                **_warm_start_settings(saved),
                 "data_seed": manifest.get("rng", {}).get("data_seed"),
                 "trained_by": manifest.get("trained_by"),
             }
+        switched = saved.prediction != self.config.prediction
         with torch.no_grad():
             for name, p in self.model.named_parameters():
                 p.copy_(source_weights[name])
+            if switched:  # the output means something else now: start the head at zero (DiT)
+                self.model.proj_out.weight.zero_()
+                self.model.proj_out.bias.zero_()
             if self.ema is not None:
                 self.ema.load_state_dict(self.model.state_dict())
         self.own_record = {**self.own_record, "init_from": origin}
         self.trained_by = self.own_record
         if self.rank == 0:
-            before = " ".join(_data_settings(saved).values())
-            after = " ".join(_data_settings(self.config).values())
+            before = " ".join(_warm_start_settings(saved).values())
+            after = " ".join(_warm_start_settings(self.config).values())
             print(f"note: new run initialised from the weights of step {origin['steps']} "
-                  f"(captions and clips: {before} -> {after})")  # fmt: skip
+                  f"(captions, clips, prediction: {before} -> {after})")  # fmt: skip
+            if switched:
+                print(f"note: the output layer starts at zero ({saved.prediction} -> "
+                      f"{self.config.prediction} prediction)")  # fmt: skip
 
     def _checkpoint_source(self, path: Path) -> tuple[dict[str, torch.Tensor], TestbedConfig, dict]:
         """A testbed checkpoint's weights (fp32), config and record, for :meth:`_init_from`."""
@@ -362,7 +379,7 @@ class Trainer:
         training = dict(record.get("training") or {})
         origin = {"checkpoint": describe_checkpoint(path), **training}
         origin.setdefault("steps", None)
-        origin.update(_data_settings(config))
+        origin.update(_warm_start_settings(config))
         return dict(model.named_parameters()), config, origin
 
     def _decode_weights(
