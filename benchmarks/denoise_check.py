@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             save_grid(pictures, 1 + 2 * len(args.times), png)
     args.checkpoint = args.checkpoints[0]
     args.checkpoints = list(results)  # names and hashes, no machine paths
+    args.png = Path(args.png).name if args.png else None
     save_testbed_report("denoise_check", args, device, start, results=results)
     return 0
 

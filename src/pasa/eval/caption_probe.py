@@ -4,6 +4,11 @@
   captions against the loss with another clip's caption (rolled by one), ``(shuffled - true) /
   shuffled`` per noise level. 0 when the model ignores its text; a model that follows the
   background colour alone already gains several percent at high noise.
+- **attribute gains**: the same loss with one kind of word swapped in the object sentences only
+  (every shape for another shape, colour for colour, texture for texture; the background's
+  words stay), ``(swapped - true) / swapped`` per noise level: how much of what the captions say
+  about the objects the model uses. A shape covers fewer pixels than the colour filling it, so
+  even a model that follows both gains less from shapes; compare checkpoints, not the kinds.
 - **word attention**: per layer, the share of the cross-attention's softmax mass that lands on
   word positions rather than padding (uniform attention would give words / positions).
 - with ``--colours``: the mean colour of clips sampled from one caption whose background colour
@@ -31,6 +36,7 @@ from pasa.testbed.model import (
     load_testbed,
     pixels_to_latents,
 )
+from pasa.testbed.scene import COLORS, SCENE_STYLES, SHAPES, TEXTURES, check_scene_style
 
 # A data stream neither training (seed 0) nor the suite's captions use.
 PROBE_DATA_SEED = 30_000
@@ -77,8 +83,12 @@ def caption_use_report(
     size: int = 128,
     frames: int | None = None,
     device: str = "cpu",
+    scene_style: str | None = None,
 ) -> dict[str, Any]:
-    """Loss gain of true over shuffled captions per noise level, and word attention per layer."""
+    """Loss gain of true over shuffled captions per noise level, the gain of each kind of object
+    word over swapped ones, and word attention per layer. ``scene_style``: the clips' style
+    (default: the checkpoint's own), to compare checkpoints trained on different styles on the
+    same clips."""
     if clips < 2:
         raise ValueError(
             f"clips must be at least 2 (captions are shuffled among them), got {clips}"
@@ -86,13 +96,11 @@ def caption_use_report(
     path = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
     model, config, record = load_testbed(path, device=device)
     frames = frames or config.frames
+    settings = config.clip_settings()
+    if scene_style is not None:
+        settings["scene_style"] = check_scene_style(scene_style, "--scene-style")
     pixels, captions = make_batch(
-        range(clips),
-        data_seed=PROBE_DATA_SEED,
-        frames=frames,
-        height=size,
-        width=size,
-        **config.clip_settings(),
+        range(clips), data_seed=PROBE_DATA_SEED, frames=frames, height=size, width=size, **settings
     )
     x0 = pixels_to_latents(pixels, config.pixel_factor).to(device)
     text, mask = config.text_encoder()(captions, device=device)
@@ -105,13 +113,20 @@ def caption_use_report(
                   return_dict=False)[0]  # fmt: skip
         return float(((v - target) ** 2).mean())
 
-    gains = {}
+    encoder = config.text_encoder()
+    swapped = {kind: encoder([swap_object_words(c, kind) for c in captions], device=device)[0]
+               for kind in SWAPS}  # fmt: skip
+    gains, attributes = {}, {}
     for t in times:
         true, shuffled = loss(t, text), loss(t, text.roll(1, 0))
         gains[f"t={t}"] = {
             "true": round(true, 5),
             "shuffled": round(shuffled, 5),
             "gain": round((shuffled - true) / shuffled, 5),
+        }
+        attributes[f"t={t}"] = {
+            kind: round((other - true) / other, 5)
+            for kind, other in ((k, loss(t, cond)) for k, cond in swapped.items())
         }
     words = _word_attention(model, lambda: loss(0.6, text), mask)
     return {
@@ -120,13 +135,37 @@ def caption_use_report(
         "text_context": config.text_context,
         "caption_order": config.caption_order,
         "scene_style": config.scene_style,
+        "clips_scene_style": settings["scene_style"],
         "clips": clips,
         "clip": f"{frames} frames x {size} x {size}",
         "data_seed": PROBE_DATA_SEED,
         "loss_gain": gains,
+        "attribute_gain": attributes,
         "word_positions_share": round(float(mask.float().mean()), 4),
         "word_attention_per_layer": words,
     }
+
+
+# Each word of a kind becomes the one `shift` places on in its list: shapes that look alike
+# (circle / ellipse, square / diamond) never swap for each other, nor colours that are near.
+SWAPS = {"shape": (SHAPES, 3), "colour": (tuple(COLORS), 6), "texture": (TEXTURES, 2)}
+
+
+def swap_object_words(caption: str, kind: str) -> str:
+    """``caption`` with every ``kind`` word (:data:`SWAPS`) of its object sentences (those that
+    start with "a ") replaced by another of its kind; the count and background stay."""
+    words, shift = SWAPS[kind]
+    index = {w: i for i, w in enumerate(words)}
+    sentences = caption.split(". ")
+    out = []
+    for sentence in sentences:
+        if sentence.startswith("a "):
+            sentence = " ".join(
+                words[(index[w] + shift) % len(words)] if w in index else w
+                for w in sentence.split(" ")
+            )
+        out.append(sentence)
+    return ". ".join(out)
 
 
 _COLOUR_OBJECT = "a big white circle stays still."
@@ -184,10 +223,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--colours", action="store_true", help="also sample the background-colour check"
     )
+    parser.add_argument(
+        "--scene-style",
+        choices=tuple(SCENE_STYLES),
+        help="draw the probe's clips in this style (default: the checkpoint's own)",
+    )
     args = parser.parse_args(argv)
     try:
         report = caption_use_report(
-            args.checkpoint, clips=args.clips, size=args.size, device=args.device
+            args.checkpoint,
+            clips=args.clips,
+            size=args.size,
+            device=args.device,
+            scene_style=args.scene_style,
         )
         if args.colours:
             report["background_colours"] = background_colours(
@@ -199,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     for key, row in report["loss_gain"].items():
         print(f"{key}: loss true {row['true']:.4f}, shuffled {row['shuffled']:.4f}, "
               f"gain {row['gain']:+.2%}")  # fmt: skip
+    for key, row in report["attribute_gain"].items():
+        print(f"{key}: gain of the object words over swapped ones: "
+              + ", ".join(f"{k} {g:+.2%}" for k, g in row.items()))  # fmt: skip
     print(f"word positions: {report['word_positions_share']:.0%} of the text tokens; "
           "cross-attention mass on words per layer: "
           + ", ".join(f"{w:.2f}" for w in report["word_attention_per_layer"]))  # fmt: skip

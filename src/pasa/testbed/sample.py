@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     from pasa.eval.generate import eval_captions, load_model, resolve_device
     from pasa.eval.metrics import to_uint8
     from pasa.testbed.model import DEFAULT_CHECKPOINT, describe_checkpoint
+    from pasa.testbed.scene import SCENE_STYLES
 
     parser = argparse.ArgumentParser(prog="python -m pasa.testbed.sample", description=main.__doc__)
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
@@ -189,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
         help="fresh noise per step, 0 (Euler, default) to 1 (ancestral sampling)",
     )
     parser.add_argument("--size", type=int, help="clip side in pixels (default: the model's)")
+    parser.add_argument(
+        "--scene-style",
+        choices=tuple(SCENE_STYLES),
+        help="take the held-out captions of clips in this style (default: the model's own)",
+    )
     parser.add_argument("--every", type=int, default=3, help="keep every n-th frame (default 3)")
     parser.add_argument("--out", default="samples", help="folder for PNGs and captions.json")
     parser.add_argument("--device", help="default: cuda if available")
@@ -205,7 +211,11 @@ def main(argv: list[str] | None = None) -> int:
              "seed": args.seed, "guidance": args.guidance, "eta": args.eta,
              "size": args.size or config.height,
              "training": record.get("training"), "samples": []}  # fmt: skip
-    for i, caption in enumerate(eval_captions(args.captions, **config.clip_settings())):
+    settings = config.clip_settings()
+    if args.scene_style:
+        settings["scene_style"] = args.scene_style
+    index["scene_style"] = settings["scene_style"]
+    for i, caption in enumerate(eval_captions(args.captions, **settings)):
         result = sample(
             model,
             config,

@@ -77,6 +77,9 @@ SCENE_STYLES: dict[str, SceneStyle] = {
                            background_contrast=1.0),
     "bold": SceneStyle(objects=(2, 6), radius=(0.08, 0.22), small=0.11, big=0.155,
                        background_contrast=0.35),
+    # bold with one to three objects: a caption's shape word has fewer objects to bind to
+    "few": SceneStyle(objects=(1, 3), radius=(0.08, 0.22), small=0.11, big=0.155,
+                      background_contrast=0.35),
 }  # fmt: skip
 
 
