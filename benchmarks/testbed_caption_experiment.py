@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 from _diffusers_common import write_json
+from _small_text_models import flow_loss, train_small_model
 
 VARIANTS = (
     "none",
@@ -106,8 +107,7 @@ def _text(variant: str, captions: list[str], config) -> torch.Tensor:
 def run_variant(variant: str, clips: int, held: int, steps: int, batch: int, seed: int) -> dict:
     """Train one model from scratch; the held-out losses every quarter of the run."""
     from pasa.testbed.data import make_batch
-    from pasa.testbed.flow import NUM_TRAIN_TIMESTEPS, noisy_input
-    from pasa.testbed.model import TestbedConfig, build_model, pixels_to_latents
+    from pasa.testbed.model import TestbedConfig, pixels_to_latents
 
     torch.set_num_threads(1)
     config = TestbedConfig(**SETUP)
@@ -118,45 +118,28 @@ def run_variant(variant: str, clips: int, held: int, steps: int, batch: int, see
                                   scene_style="original")  # fmt: skip
     latents = pixels_to_latents(pixels, config.pixel_factor)
     text = _text(variant, captions, config)
-    torch.manual_seed(seed)
-    model = build_model(config).float().train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-    gen = torch.Generator().manual_seed(seed + 1)
-
-    def loss(x0, c, t, noise_seed):
-        eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(noise_seed))
-        xt, target = noisy_input(x0, eps, t)
-        v = model(hidden_states=xt, timestep=t * NUM_TRAIN_TIMESTEPS, encoder_hidden_states=c,
-                  return_dict=False)[0]  # fmt: skip
-        return ((v - target) ** 2).mean()
-
     rows, start = [], time.perf_counter()
     held_x, held_c = latents[clips:], text[clips:]
-    for step in range(1, steps + 1):
-        idx = torch.randint(0, clips, (batch,), generator=gen)
-        c = text[idx].clone()
-        c[torch.rand(batch, generator=gen) < 0.1] = 0.0  # caption dropout, as the trainer
-        t = torch.sigmoid(torch.randn(batch, generator=gen))
-        value = loss(latents[idx], c, t, noise_seed=step + 100)
-        opt.zero_grad()
-        value.backward()
-        opt.step()
-        if step % (steps // 4) == 0:
-            model.eval()
-            row = {"step": step, "seconds": round(time.perf_counter() - start, 1)}
-            with torch.no_grad():
-                for tv in (0.9, 0.6):
-                    t = torch.full((held,), tv)
-                    true = loss(held_x, held_c, t, 0).item()
-                    shuffled = loss(held_x, held_c.roll(1, 0), t, 0).item()
-                    row[f"t={tv}"] = {
-                        "true": round(true, 4),
-                        "shuffled": round(shuffled, 4),
-                        "gain": round((shuffled - true) / shuffled, 4),
-                    }
-            model.train()
-            rows.append(row)
-            print(variant, json.dumps(row), flush=True)
+
+    def measure(step: int, model, losses) -> None:
+        model.eval()
+        row = {"step": step, "seconds": round(time.perf_counter() - start, 1)}
+        with torch.no_grad():
+            for tv in (0.9, 0.6):
+                t = torch.full((held,), tv)
+                true = flow_loss(model, held_x, held_c, t, 0).item()
+                shuffled = flow_loss(model, held_x, held_c.roll(1, 0), t, 0).item()
+                row[f"t={tv}"] = {
+                    "true": round(true, 4),
+                    "shuffled": round(shuffled, 4),
+                    "gain": round((shuffled - true) / shuffled, 4),
+                }
+        model.train()
+        rows.append(row)
+        print(variant, json.dumps(row), flush=True)
+
+    train_small_model(config, latents[:clips], text[:clips], steps=steps, batch=batch, seed=seed,
+                      every=steps // 4, on_every=measure)  # fmt: skip
     return {"variant": variant, "log": rows}
 
 
