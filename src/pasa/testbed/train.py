@@ -313,8 +313,9 @@ class Trainer:
     ) -> TestbedConfig:
         """The saved config; refuse a state trained with another model or data (fields missing
         from an older state take the defaults of the first runs: ``text_context`` "none",
-        ``caption_order`` "objects_first", ``scene_style`` "original"). ``any_data`` accepts
-        other :data:`WARM_START_FIELDS` (captions, clips, prediction; the same model shapes)."""
+        ``caption_order`` "objects_first", ``scene_style`` "original", ``prediction`` "velocity").
+        ``any_data`` accepts other :data:`WARM_START_FIELDS` (captions, clips, prediction; the
+        same model shapes)."""
         try:
             config = TestbedConfig.from_dict(saved or {})
         except (TypeError, ValueError) as exc:
