@@ -72,12 +72,9 @@ def placed_caption(scene) -> str:
 
 def swap_places(caption: str) -> str:
     """Every place word of the object sentences for the opposite side."""
-    out = []
-    for sentence in caption.split(". "):
-        if sentence.startswith("a "):
-            sentence = " ".join(_OPPOSITE.get(w, w) for w in sentence.split(" "))
-        out.append(sentence)
-    return ". ".join(out)
+    from pasa.eval.caption_probe import map_object_words
+
+    return map_object_words(caption, _OPPOSITE)
 
 
 def run_variant(

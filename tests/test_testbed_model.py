@@ -88,6 +88,9 @@ def test_caption_order_defaults_presets_and_what_the_evaluation_writes():
     assert shipped.caption_order == "scene_first"  # as it was trained (run 4)
     assert shipped.scene_style == "bold"  # and on the clips it was trained on
     assert shipped.clip_settings() == {"caption_order": "scene_first", "scene_style": "bold"}
+    assert shipped.clip_settings("few") == {"caption_order": "scene_first", "scene_style": "few"}
+    with pytest.raises(ValueError, match="--scene-style must be one of"):
+        shipped.clip_settings("busy")
     assert TestbedConfig().scene_style == "original"
     assert TESTBED.scene_style == TINY.scene_style == "bold"
     with pytest.raises(ValueError, match="scene_style must be one of"):

@@ -36,7 +36,7 @@ from pasa.testbed.model import (
     load_testbed,
     pixels_to_latents,
 )
-from pasa.testbed.scene import COLORS, SCENE_STYLES, SHAPES, TEXTURES, check_scene_style
+from pasa.testbed.scene import COLORS, SCENE_STYLES, SHAPES, TEXTURES
 
 # A data stream neither training (seed 0) nor the suite's captions use.
 PROBE_DATA_SEED = 30_000
@@ -96,14 +96,13 @@ def caption_use_report(
     path = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
     model, config, record = load_testbed(path, device=device)
     frames = frames or config.frames
-    settings = config.clip_settings()
-    if scene_style is not None:
-        settings["scene_style"] = check_scene_style(scene_style, "--scene-style")
+    settings = config.clip_settings(scene_style)
     pixels, captions = make_batch(
         range(clips), data_seed=PROBE_DATA_SEED, frames=frames, height=size, width=size, **settings
     )
     x0 = pixels_to_latents(pixels, config.pixel_factor).to(device)
-    text, mask = config.text_encoder()(captions, device=device)
+    encoder = config.text_encoder()
+    text, mask = encoder(captions, device=device)
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).to(device)
 
     def loss(t: float, cond: torch.Tensor) -> float:
@@ -113,7 +112,6 @@ def caption_use_report(
                   return_dict=False)[0]  # fmt: skip
         return float(((v - target) ** 2).mean())
 
-    encoder = config.text_encoder()
     swapped = {kind: encoder([swap_object_words(c, kind) for c in captions], device=device)[0]
                for kind in SWAPS}  # fmt: skip
     gains, attributes = {}, {}
@@ -152,20 +150,23 @@ SWAPS = {"shape": (SHAPES, 3), "colour": (tuple(COLORS), 6), "texture": (TEXTURE
 
 
 def swap_object_words(caption: str, kind: str) -> str:
-    """``caption`` with every ``kind`` word (:data:`SWAPS`) of its object sentences (those that
-    start with "a ") replaced by another of its kind; the count and background stay."""
+    """``caption`` with every ``kind`` word (:data:`SWAPS`) of its object sentences replaced by
+    another of its kind; the count and background stay."""
     words, shift = SWAPS[kind]
-    index = {w: i for i, w in enumerate(words)}
-    sentences = caption.split(". ")
-    out = []
-    for sentence in sentences:
+    return map_object_words(
+        caption, {w: words[(i + shift) % len(words)] for i, w in enumerate(words)}
+    )
+
+
+def map_object_words(caption: str, mapping: dict[str, str]) -> str:
+    """``caption`` with every word of its object sentences (those that start with "a ") that is
+    a key of ``mapping`` replaced by its value; the other sentences stay as they are."""
+    sentences = []
+    for sentence in caption.split(". "):
         if sentence.startswith("a "):
-            sentence = " ".join(
-                words[(index[w] + shift) % len(words)] if w in index else w
-                for w in sentence.split(" ")
-            )
-        out.append(sentence)
-    return ". ".join(out)
+            sentence = " ".join(mapping.get(w, w) for w in sentence.split(" "))
+        sentences.append(sentence)
+    return ". ".join(sentences)
 
 
 _COLOUR_OBJECT = "a big white circle stays still."

@@ -112,11 +112,15 @@ class TestbedConfig:
                 f"head_dim={self.head_dim} must be even and >= 6 (Wan's 3D rotary code)"
             )
 
-    def clip_settings(self) -> dict[str, str]:
+    def clip_settings(self, scene_style: str | None = None) -> dict[str, str]:
         """``caption_order`` and ``scene_style``: how this model's clips and captions are made,
         as keyword arguments of :func:`pasa.testbed.data.make_batch` and
-        :func:`pasa.eval.generate.eval_captions`."""
-        return {"caption_order": self.caption_order, "scene_style": self.scene_style}
+        :func:`pasa.eval.generate.eval_captions`. ``scene_style`` draws them in another style
+        (ValueError naming ``--scene-style`` if it is none), e.g. to compare checkpoints trained
+        on different styles on the same clips."""
+        if scene_style is not None:
+            check_scene_style(scene_style, "--scene-style")
+        return {"caption_order": self.caption_order, "scene_style": scene_style or self.scene_style}
 
     def text_encoder(self) -> HashedTextEncoder:
         """The caption encoder this model was (or is being) trained with."""

@@ -211,9 +211,7 @@ def main(argv: list[str] | None = None) -> int:
              "seed": args.seed, "guidance": args.guidance, "eta": args.eta,
              "size": args.size or config.height,
              "training": record.get("training"), "samples": []}  # fmt: skip
-    settings = config.clip_settings()
-    if args.scene_style:
-        settings["scene_style"] = args.scene_style
+    settings = config.clip_settings(args.scene_style)
     index["scene_style"] = settings["scene_style"]
     for i, caption in enumerate(eval_captions(args.captions, **settings)):
         result = sample(
