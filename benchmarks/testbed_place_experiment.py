@@ -33,6 +33,7 @@ from _diffusers_common import write_json
 from _small_text_models import flow_loss, train_small_model
 
 from pasa.provenance import git_commit
+from pasa.testbed.scene import SCENE_STYLE_NAMES
 
 VARIANTS = ("scene_first", "placed")
 SETUP = dict(
@@ -78,7 +79,7 @@ def swap_places(caption: str) -> str:
 
 
 def run_variant(
-    variant: str, clips: int, held: int, steps: int, batch: int, seed: int, size: int
+    variant: str, clips: int, held: int, steps: int, batch: int, seed: int, size: int, style: str
 ) -> dict:
     """Train one model from scratch on ``size`` px clips; the held-out gains at the end."""
     from pasa.eval.caption_probe import SWAPS, swap_object_words
@@ -87,8 +88,8 @@ def run_variant(
     from pasa.testbed.scene import caption, make_scene
 
     torch.set_num_threads(1)
-    config = TestbedConfig(**dict(SETUP, height=size, width=size))
-    scenes = [make_scene(DATA_SEED, i, frames=config.frames, style="bold")
+    config = TestbedConfig(**dict(SETUP, height=size, width=size, scene_style=style))
+    scenes = [make_scene(DATA_SEED, i, frames=config.frames, style=style)
               for i in range(clips + held)]  # fmt: skip
     pixels = torch.cat([render_batch(scenes[i : i + 64], frames=config.frames,
                                      height=config.height, width=config.width)
@@ -144,17 +145,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--size", type=int, default=64, help="clip side in pixels (a multiple of 8)")
+    ap.add_argument(
+        "--scene-style",
+        default="bold",
+        choices=SCENE_STYLE_NAMES,
+        help="the clips' style (pasa/testbed/scene.py), the same for every variant",
+    )
     ap.add_argument("--jobs", type=int, default=2, help="variants trained at once (1 thread each)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.steps < 10 or args.held_out < 2 or args.size < 8 or args.size % 8:
         ap.error("--steps must be at least 10, --held-out at least 2, --size a multiple of 8")
-    work = (args.clips, args.held_out, args.steps, args.batch, args.seed, args.size)
+    work = (args.clips, args.held_out, args.steps, args.batch, args.seed, args.size,
+            args.scene_style)  # fmt: skip
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         results = list(
             pool.map(run_variant, args.variants, *[[w] * len(args.variants) for w in work])
         )
-    setup = dict(SETUP, height=args.size, width=args.size, clips=args.clips,
+    setup = dict(SETUP, height=args.size, width=args.size, scene_style=args.scene_style,
+                 clips=args.clips,
                  held_out=args.held_out, steps=args.steps)  # fmt: skip
     setup.update(batch=args.batch, seed=args.seed, lr=1e-3, caption_dropout=0.1)
     setup.update(data_seed=DATA_SEED, device="cpu", torch=torch.__version__, commit=git_commit())

@@ -53,7 +53,7 @@ def test_background_colour_check(checkpoint):
     assert all(len(r["mean_rgb"]) == 3 and all(0 <= c <= 1 for c in r["mean_rgb"]) for r in rows)
     assert rows[0]["target_rgb"] == (0.90, 0.12, 0.12)
     # The tiny test checkpoint is a new run's: scene first, as it would have been trained.
-    assert rows[0]["caption"].startswith("one shapes. ") and "red background" in rows[0]["caption"]
+    assert rows[0]["caption"].startswith("one shape. ") and "red background" in rows[0]["caption"]
 
 
 def test_colour_caption_follows_the_caption_order():
@@ -61,7 +61,7 @@ def test_colour_caption_follows_the_caption_order():
 
     old, new = colour_caption("green", "objects_first"), colour_caption("green", "scene_first")
     assert old.startswith("a big white circle") and old.endswith("striped green background.")
-    assert new.startswith("one shapes.") and new.endswith("stays still.")
+    assert new.startswith("one shape.") and new.endswith("stays still.")
 
 
 def test_object_words_are_swapped_for_others_of_their_kind_and_nothing_else():
@@ -80,5 +80,5 @@ def test_object_words_are_swapped_for_others_of_their_kind_and_nothing_else():
     for kind, (words, shift) in SWAPS.items():
         # a swap never keeps a word, and never gives two words the same replacement
         assert 0 < shift < len(words) and swap_object_words(caption, kind) != caption
-    assert swap_object_words("one shapes. the camera stays still over a noisy gray background.",
+    assert swap_object_words("one shape. the camera stays still over a noisy gray background.",
                              "shape").endswith("gray background.")  # fmt: skip

@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from pasa.testbed.data import ProceduralVideos, clip_indices, make_batch, render
-from pasa.testbed.scene import COLORS, NUMBERS, SCENE_STYLES, caption, make_scene
+from pasa.testbed.scene import (
+    COLORS,
+    NUMBERS,
+    SCENE_STYLES,
+    STYLE_MIXES,
+    caption,
+    clip_style,
+    make_scene,
+)
 from pasa.testbed.text import tokenize
 
 
@@ -46,7 +54,9 @@ def test_caption_names_every_object_and_the_camera(index, style):
         assert "zooms" in words and scene.zoom in words
     assert scene.background.kind in words and scene.background.color in words
     first = caption(scene).split(". ")[:2]  # the scene first: count, then camera and background
-    assert first[0] == f"{NUMBERS[len(scene.objects)]} shapes"
+    assert first[0] == NUMBERS[len(scene.objects)] + (
+        " shape" if len(scene.objects) == 1 else " shapes"
+    )
     assert first[1].startswith("the camera ") and "background" in first[1]
     objects_first = caption(scene, "objects_first")  # the shipped checkpoint's captions
     assert objects_first.startswith("a ") and objects_first.endswith(first[1].rstrip(".") + ".")
@@ -136,8 +146,35 @@ def test_size_words_follow_the_scene_style():
                 assert f"a {word}{obj.texture.color} " in text
 
 
+def test_a_mixture_draws_each_clip_whole_in_one_of_its_styles():
+    (mixture, parts), *_ = STYLE_MIXES.items()
+    picks = [clip_style(3, i, mixture) for i in range(400)]
+    assert set(picks) == set(parts)
+    assert all(abs(picks.count(p) / 400 - 1 / len(parts)) < 0.1 for p in parts)
+    assert picks != [clip_style(4, i, mixture) for i in range(400)]  # the stream's own picks
+    for index, pick in enumerate(picks[:30]):
+        scene = make_scene(3, index, style=mixture)
+        assert scene == make_scene(3, index, style=pick) and scene.style == pick
+    clips, captions = make_batch(range(6), data_seed=3, frames=2, height=16, width=16,
+                                 scene_style=mixture)  # fmt: skip
+    alone = [make_batch([i], data_seed=3, frames=2, height=16, width=16, scene_style=p)
+             for i, p in enumerate(picks[:6])]  # fmt: skip
+    assert torch.equal(clips, torch.cat([c for c, _ in alone]))
+    assert captions == [c[0] for _, c in alone]
+    assert clip_style(3, 0, "bold") == "bold"
+
+
+def test_solo_clips_show_one_big_object():
+    scenes = [make_scene(5, i, style="solo") for i in range(50)]
+    assert all(len(s.objects) == 1 for s in scenes)
+    assert all(s.objects[0].radius >= 0.2 for s in scenes)
+    assert all(caption(s).startswith("one shape") for s in scenes)
+
+
 def test_a_scene_style_that_does_not_exist_is_refused():
     with pytest.raises(ValueError, match="scene style must be one of"):
         make_scene(0, 0, style="busy")
     with pytest.raises(ValueError, match="scene_style must be one of"):
         make_batch([0], data_seed=0, frames=2, height=16, width=16, scene_style="busy")
+    with pytest.raises(ValueError, match="scene style must be one of"):
+        clip_style(0, 0, "bold+busy")

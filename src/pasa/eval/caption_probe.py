@@ -36,7 +36,7 @@ from pasa.testbed.model import (
     load_testbed,
     pixels_to_latents,
 )
-from pasa.testbed.scene import COLORS, SCENE_STYLES, SHAPES, TEXTURES
+from pasa.testbed.scene import COLORS, SCENE_STYLE_NAMES, SHAPES, TEXTURES
 
 # A data stream neither training (seed 0) nor the suite's captions use.
 PROBE_DATA_SEED = 30_000
@@ -170,7 +170,7 @@ def map_object_words(caption: str, mapping: dict[str, str]) -> str:
 
 
 _COLOUR_OBJECT = "a big white circle stays still."
-_COLOUR_SCENE = "one shapes. the camera stays still over a striped {} background."
+_COLOUR_SCENE = "one shape. the camera stays still over a striped {} background."
 
 
 def colour_caption(colour: str, order: str) -> str:
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--scene-style",
-        choices=tuple(SCENE_STYLES),
+        choices=SCENE_STYLE_NAMES,
         help="draw the probe's clips in this style (default: the checkpoint's own)",
     )
     args = parser.parse_args(argv)

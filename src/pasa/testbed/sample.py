@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     from pasa.eval.generate import eval_captions, load_model, resolve_device
     from pasa.eval.metrics import to_uint8
     from pasa.testbed.model import DEFAULT_CHECKPOINT, describe_checkpoint
-    from pasa.testbed.scene import SCENE_STYLES
+    from pasa.testbed.scene import SCENE_STYLE_NAMES
 
     parser = argparse.ArgumentParser(prog="python -m pasa.testbed.sample", description=main.__doc__)
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, help="clip side in pixels (default: the model's)")
     parser.add_argument(
         "--scene-style",
-        choices=tuple(SCENE_STYLES),
+        choices=SCENE_STYLE_NAMES,
         help="take the held-out captions of clips in this style (default: the model's own)",
     )
     parser.add_argument("--every", type=int, default=3, help="keep every n-th frame (default 3)")

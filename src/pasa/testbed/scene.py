@@ -81,14 +81,36 @@ SCENE_STYLES: dict[str, SceneStyle] = {
     # bold with one to three objects: a caption's shape word has fewer objects to bind to
     "few": SceneStyle(objects=(1, 3), radius=(0.08, 0.22), small=0.11, big=0.155,
                       background_contrast=0.35),
+    # one big object: what the caption says about it decides a quarter of the frame's pixels
+    "solo": SceneStyle(objects=(1, 1), radius=(0.2, 0.32), small=0.23, big=0.28,
+                       background_contrast=0.35),
 }  # fmt: skip
 
 
+# A mixture draws each clip in one of its styles, picked by the clip's own seed (so the same on
+# every machine and rank) with equal odds; its name joins the styles with "+". "bold+solo" keeps
+# the busy clips the attention statistics come from and adds clips whose one big object the caption
+# describes: a model gains far more from the object words there (docs/testbed.md).
+STYLE_MIXES: dict[str, tuple[str, ...]] = {"bold+solo": ("bold", "solo")}
+_MIX_SALT = 0x5C3E  # mix_seed's salt for a mixture's pick, apart from the scene's own draws
+SCENE_STYLE_NAMES = (*SCENE_STYLES, *STYLE_MIXES)
+
+
 def check_scene_style(style: str, what: str = "scene_style") -> str:
-    """``style`` if it names one of :data:`SCENE_STYLES`, else ValueError naming ``what``."""
-    if style not in SCENE_STYLES:
-        raise ValueError(f"{what} must be one of {tuple(SCENE_STYLES)}, got {style!r}")
+    """``style`` if it names one of :data:`SCENE_STYLE_NAMES` (a style or a mixture), else
+    ValueError naming ``what``."""
+    if style not in SCENE_STYLE_NAMES:
+        raise ValueError(f"{what} must be one of {SCENE_STYLE_NAMES}, got {style!r}")
     return style
+
+
+def clip_style(data_seed: int, index: int, style: str) -> str:
+    """The key of :data:`SCENE_STYLES` that clip ``index`` of stream ``data_seed`` is drawn in:
+    ``style`` itself, or for a mixture the one of its styles this clip's seed picks."""
+    parts = STYLE_MIXES.get(check_scene_style(style, "scene style"))
+    if parts is None:
+        return style
+    return parts[mix_seed(data_seed, index, salt=_MIX_SALT) % len(parts)]
 
 
 def check_caption_order(order: str, what: str = "caption_order") -> str:
@@ -150,7 +172,7 @@ class Scene:
     pan_speed: float
     zoom: str
     zoom_rate: float
-    style: str  # a key of SCENE_STYLES (the caption's size words depend on it)
+    style: str  # a key of SCENE_STYLES, never a mixture (the caption's size words depend on it)
 
 
 def mix_seed(data_seed: int, index: int, salt: int = 0) -> int:
@@ -208,8 +230,10 @@ def make_scene(data_seed: int, index: int, *, frames: int = 16, style: str = "bo
     a model's is its config's ``scene_style``). The styles make the same draws in the same order:
     clip ``index`` has the same background and its first objects the same shapes, textures and
     motion in each; the styles differ in the number and size of the objects (so in the draws
-    after them: the camera) and in the background's contrast."""
-    look = SCENE_STYLES[check_scene_style(style, "scene style")]
+    after them: the camera) and in the background's contrast. A mixture (:data:`STYLE_MIXES`)
+    draws the clip in the style :func:`clip_style` picks, and the scene records that style."""
+    style = clip_style(data_seed, index, style)
+    look = SCENE_STYLES[style]
     draws = _Draws(mix_seed(data_seed, index))
     background = _texture(draws, BACKGROUNDS)
     if look.background_contrast != 1.0:
@@ -304,7 +328,8 @@ def caption(scene: Scene, order: str = "scene_first") -> str:
     bg = scene.background
     turn = f" that turns {scene.background_to}" if scene.background_to else ""
     parts = [
-        f"{NUMBERS[len(scene.objects)]} shapes. the camera {camera_text} over a "
+        f"{NUMBERS[len(scene.objects)]} shape{'' if len(scene.objects) == 1 else 's'}. "
+        f"the camera {camera_text} over a "
         f"{bg.kind} {bg.color} background{turn}."
     ]
     objects = [describe_object(o, scene.style) + "." for o in reversed(scene.objects)]

@@ -48,7 +48,7 @@ from pasa.testbed.model import (
     pixels_to_latents,
     save_testbed,
 )
-from pasa.testbed.scene import CAPTION_ORDERS, SCENE_STYLES, mix_seed
+from pasa.testbed.scene import CAPTION_ORDERS, SCENE_STYLE_NAMES, mix_seed
 from pasa.testbed.state import (
     BLOCK,
     STATE_BUDGET_BYTES,
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--scene-style",
-        choices=tuple(SCENE_STYLES),
+        choices=SCENE_STYLE_NAMES,
         default=None,
         help="what the clips look like (default: the preset's, 'bold'; 'original' continues a "
         "state trained before, such as run 3's)",
