@@ -417,3 +417,29 @@ def test_a_run_leaves_no_stall_file(tmp_path):
     out = tmp_path / "run"
     Trainer(_args(out, "--total-steps", "2", "--stall-seconds", "60")).run()
     assert (out / "state.pt").is_file() and not list(out.glob("stall-rank*"))
+
+
+def test_pure_noise_share_sets_that_share_of_times_to_one_and_nothing_else():
+    from pasa.testbed.flow import sample_time
+
+    def draw(share):
+        return sample_time(4000, generator=torch.Generator().manual_seed(3), shift=3.0,
+                           pure_noise_share=share)  # fmt: skip
+
+    plain, some = draw(0.0), draw(0.2)
+    assert torch.equal(plain, sample_time(4000, generator=torch.Generator().manual_seed(3),
+                                          shift=3.0))  # fmt: skip
+    assert (plain < 1).all() and abs(float((some == 1).float().mean()) - 0.2) < 0.03
+    assert torch.equal(some[some < 1], plain[some < 1])  # the other times are the same draws
+    assert (draw(1.0) == 1).all()
+    with pytest.raises(ValueError, match="pure_noise_share"):
+        draw(1.5)
+
+
+def test_trainer_records_its_pure_noise_share_and_refuses_one_out_of_range(tmp_path, capsys):
+    trainer = Trainer(_args(tmp_path / "a", "--total-steps", "1", "--pure-noise-share", "0.5"))
+    assert trainer._train_record()["pure_noise_share"] == 0.5
+    assert trainer.train_step() > 0
+    with pytest.raises(SystemExit):
+        main([*_cli(tmp_path / "b"), "--pure-noise-share", "2"])
+    assert "--pure-noise-share must be in [0, 1]" in capsys.readouterr().err

@@ -3,7 +3,9 @@
 - **loss gain**: on held-out training-distribution clips, the flow-matching loss with the true
   captions against the loss with another clip's caption (rolled by one), ``(shuffled - true) /
   shuffled`` per noise level. 0 when the model ignores its text; a model that follows the
-  background colour alone already gains several percent at high noise.
+  background colour alone already gains several percent at high noise. t = 1 (pure noise, the
+  sampler's first step) is where the caption is all the model has: a small gain there means
+  samples take their colours and layout from the noise.
 - **attribute gains**: the same loss with one kind of word swapped in the object sentences only
   (every shape for another shape, colour for colour, texture for texture; the background's
   words stay), ``(swapped - true) / swapped`` per noise level: how much of what the captions say
@@ -79,7 +81,7 @@ def caption_use_report(
     checkpoint: Any = None,
     *,
     clips: int = 8,
-    times: tuple[float, ...] = (0.9, 0.6, 0.3),
+    times: tuple[float, ...] = (1.0, 0.9, 0.6, 0.3),
     size: int = 128,
     frames: int | None = None,
     device: str = "cpu",

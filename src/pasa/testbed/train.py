@@ -171,6 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay (0 = no EMA)")
     p.add_argument("--time-dist", choices=("logit_normal", "uniform"), default="logit_normal")
     p.add_argument("--shift", type=float, default=3.0, help="time shift, as in the sampler")
+    p.add_argument(
+        "--pure-noise-share",
+        type=float,
+        default=0.0,
+        help="share of training times set to 1 (pure noise), where the model can only read its "
+        "caption (pasa/testbed/flow.py's sample_time; default 0)",
+    )
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-seed", type=int, default=0)
@@ -432,6 +439,7 @@ class Trainer:
             "lr": self.args.lr,
             "ema": self.args.ema,
             "shift": self.args.shift,
+            "pure_noise_share": self.args.pure_noise_share,
             "device": torch.cuda.get_device_name(self.device)
             if self.device.type == "cuda"
             else "cpu",
@@ -603,7 +611,11 @@ class Trainer:
         latents, text, batch = prepared if prepared is not None else self.batch_for(step)
         gen = torch.Generator().manual_seed(mix_seed(self.args.seed, step, salt=1000 + self.rank))
         t = sample_time(
-            batch, generator=gen, distribution=self.args.time_dist, shift=self.args.shift
+            batch,
+            generator=gen,
+            distribution=self.args.time_dist,
+            shift=self.args.shift,
+            pure_noise_share=self.args.pure_noise_share,
         )
         noise_gen = torch.Generator(self.device).manual_seed(
             mix_seed(self.args.seed, step, 2000 + self.rank)
@@ -786,7 +798,10 @@ class BatchPrefetcher:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.pure_noise_share <= 1.0:
+        parser.error(f"--pure-noise-share must be in [0, 1], got {args.pure_noise_share}")
     trainer = Trainer(args)
     try:
         trainer.run()
