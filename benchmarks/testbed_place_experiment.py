@@ -79,7 +79,16 @@ def swap_places(caption: str) -> str:
 
 
 def run_variant(
-    variant: str, clips: int, held: int, steps: int, batch: int, seed: int, size: int, style: str
+    variant: str,
+    clips: int,
+    held: int,
+    steps: int,
+    batch: int,
+    seed: int,
+    size: int,
+    style: str,
+    pixel_factor: int = 4,
+    pure_noise_share: float = 0.0,
 ) -> dict:
     """Train one model from scratch on ``size`` px clips; the held-out gains at the end."""
     from pasa.eval.caption_probe import SWAPS, swap_object_words
@@ -88,7 +97,8 @@ def run_variant(
     from pasa.testbed.scene import caption, make_scene
 
     torch.set_num_threads(1)
-    config = TestbedConfig(**dict(SETUP, height=size, width=size, scene_style=style))
+    config = TestbedConfig(**dict(SETUP, height=size, width=size, scene_style=style,
+                                  pixel_factor=pixel_factor))  # fmt: skip
     scenes = [make_scene(DATA_SEED, i, frames=config.frames, style=style)
               for i in range(clips + held)]  # fmt: skip
     pixels = torch.cat([render_batch(scenes[i : i + 64], frames=config.frames,
@@ -107,7 +117,8 @@ def run_variant(
 
     model, losses = train_small_model(config, latents[:clips], text[:clips], steps=steps,
                                       batch=batch, seed=seed, every=max(steps // 10, 1),
-                                      on_every=progress)  # fmt: skip
+                                      on_every=progress,
+                                      pure_noise_share=pure_noise_share)  # fmt: skip
     model.eval()
     held_x, held_captions = latents[clips:], captions[clips:]
     variants = {"shuffled": None, **{k: (lambda c, k=k: swap_object_words(c, k)) for k in SWAPS}}
@@ -115,7 +126,7 @@ def run_variant(
         variants["place"] = swap_places
     gains = {}
     with torch.no_grad():
-        for tv in (0.9, 0.6, 0.3):
+        for tv in (1.0, 0.9, 0.6, 0.3):
             t = torch.full((held,), tv)
             true = flow_loss(model, held_x, text[clips:], t, 0).item()
             row = {"true": round(true, 5)}
@@ -151,18 +162,33 @@ def main(argv: list[str] | None = None) -> int:
         choices=SCENE_STYLE_NAMES,
         help="the clips' style (pasa/testbed/scene.py), the same for every variant",
     )
+    ap.add_argument(
+        "--pixel-factor",
+        type=int,
+        default=4,
+        help="the pixel codec's factor (4: 192 pixel values per token, three times the models' "
+        "width of 64, so they cannot carry the noise; 2: 48, which they can)",
+    )
+    ap.add_argument(
+        "--pure-noise-share", type=float, default=0.0, help="share of training times set to 1"
+    )
     ap.add_argument("--jobs", type=int, default=2, help="variants trained at once (1 thread each)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.steps < 10 or args.held_out < 2 or args.size < 8 or args.size % 8:
         ap.error("--steps must be at least 10, --held-out at least 2, --size a multiple of 8")
+    if args.pixel_factor < 1 or args.size % (2 * args.pixel_factor):
+        ap.error("--size must be a multiple of 2 * --pixel-factor")
+    if not 0.0 <= args.pure_noise_share <= 1.0:
+        ap.error("--pure-noise-share must be in [0, 1]")
     work = (args.clips, args.held_out, args.steps, args.batch, args.seed, args.size,
-            args.scene_style)  # fmt: skip
+            args.scene_style, args.pixel_factor, args.pure_noise_share)  # fmt: skip
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         results = list(
             pool.map(run_variant, args.variants, *[[w] * len(args.variants) for w in work])
         )
     setup = dict(SETUP, height=args.size, width=args.size, scene_style=args.scene_style,
+                 pixel_factor=args.pixel_factor, pure_noise_share=args.pure_noise_share,
                  clips=args.clips,
                  held_out=args.held_out, steps=args.steps)  # fmt: skip
     setup.update(batch=args.batch, seed=args.seed, lr=1e-3, caption_dropout=0.1)
