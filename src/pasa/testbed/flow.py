@@ -27,8 +27,9 @@ def sample_time(
     shift: float = 1.0,
     pure_noise_share: float = 0.0,
 ) -> torch.Tensor:
-    """``(batch,)`` training times in (0, 1), drawn on the CPU from ``generator``; each is 1 (pure
-    noise) with probability ``pure_noise_share``.
+    """``(batch,)`` training times in (0, 1], drawn on the CPU from ``generator``: the shifted
+    distribution, clamped to [1e-4, 1 - 1e-4], and each time set to 1 (pure noise) with probability
+    ``pure_noise_share``.
 
     Why the share: the sampler's first step is at t = 1, where ``x_t`` holds nothing of the clip
     and everything the model draws (background colour, where objects are) has to come from the

@@ -81,7 +81,7 @@ SCENE_STYLES: dict[str, SceneStyle] = {
     # bold with one to three objects: a caption's shape word has fewer objects to bind to
     "few": SceneStyle(objects=(1, 3), radius=(0.08, 0.22), small=0.11, big=0.155,
                       background_contrast=0.35),
-    # one big object: what the caption says about it decides a quarter of the frame's pixels
+    # one big object (a sixth of the frame on average): what its sentence says decides many pixels
     "solo": SceneStyle(objects=(1, 1), radius=(0.2, 0.32), small=0.23, big=0.28,
                        background_contrast=0.35),
 }  # fmt: skip
@@ -89,8 +89,8 @@ SCENE_STYLES: dict[str, SceneStyle] = {
 
 # A mixture draws each clip in one of its styles, picked by the clip's own seed (so the same on
 # every machine and rank) with equal odds; its name joins the styles with "+". "bold+solo" keeps
-# the busy clips the attention statistics come from and adds clips whose one big object the caption
-# describes: a model gains far more from the object words there (docs/testbed.md).
+# the busy clips the attention statistics come from and adds clips whose one big object covers a
+# sixth of the frame (docs/testbed.md, "Pure noise").
 STYLE_MIXES: dict[str, tuple[str, ...]] = {"bold+solo": ("bold", "solo")}
 _MIX_SALT = 0x5C3E  # mix_seed's salt for a mixture's pick, apart from the scene's own draws
 SCENE_STYLE_NAMES = (*SCENE_STYLES, *STYLE_MIXES)
