@@ -35,9 +35,11 @@ def train_small_model(
     pure_noise_share: float = 0.0,
 ) -> tuple[torch.nn.Module, list[float]]:
     """Train ``build_model(config)`` (seeded) on ``latents`` with captions ``text`` (row by row):
-    AdamW at 1e-3, batches drawn with replacement, 10% caption dropout, logit-normal times, of
-    which a share ``pure_noise_share`` is set to 1 (as the trainer's ``--pure-noise-share``).
+    AdamW at 1e-3, batches drawn with replacement, 10% caption dropout, the trainer's time draw
+    (:func:`pasa.testbed.flow.sample_time`: logit-normal, unshifted here, a share
+    ``pure_noise_share`` set to 1).
     ``on_every(step, model, losses)`` runs every ``every`` steps (the model in train mode)."""
+    from pasa.testbed.flow import sample_time
     from pasa.testbed.model import build_model
 
     torch.manual_seed(seed)
@@ -49,9 +51,7 @@ def train_small_model(
         idx = torch.randint(0, latents.shape[0], (batch,), generator=gen)
         c = text[idx].clone()
         c[torch.rand(batch, generator=gen) < 0.1] = 0.0  # caption dropout, as the trainer
-        t = torch.sigmoid(torch.randn(batch, generator=gen))
-        if pure_noise_share > 0:  # no extra draw otherwise: earlier runs replay unchanged
-            t = torch.where(torch.rand(batch, generator=gen) < pure_noise_share, 1.0, t)
+        t = sample_time(batch, generator=gen, pure_noise_share=pure_noise_share)
         value = flow_loss(model, latents[idx], c, t, noise_seed=step + 100)
         opt.zero_grad()
         value.backward()

@@ -124,17 +124,16 @@ def run_variant(
     variants = {"shuffled": None, **{k: (lambda c, k=k: swap_object_words(c, k)) for k in SWAPS}}
     if variant == "placed":
         variants["place"] = swap_places
+    others = {name: text[clips:].roll(1, 0) if swap is None
+              else encoder([swap(c) for c in held_captions])[0]
+              for name, swap in variants.items()}  # fmt: skip
     gains = {}
     with torch.no_grad():
         for tv in (1.0, 0.9, 0.6, 0.3):
             t = torch.full((held,), tv)
             true = flow_loss(model, held_x, text[clips:], t, 0).item()
             row = {"true": round(true, 5)}
-            for name, swap in variants.items():
-                if swap is None:
-                    other = text[clips:].roll(1, 0)
-                else:
-                    other = encoder([swap(c) for c in held_captions])[0]
+            for name, other in others.items():
                 swapped = flow_loss(model, held_x, other, t, 0).item()
                 row[name] = round((swapped - true) / swapped, 5)
             gains[f"t={tv}"] = row
