@@ -7,12 +7,15 @@ from pasa.testbed.model import (
     TESTBED,
     TINY,
     CheckpointError,
+    TestbedConfig,
     build_model,
     count_parameters,
     latents_to_pixels,
     load_testbed,
     pixels_to_latents,
     save_testbed,
+    transfer_codec_weights,
+    with_pixel_factor,
 )
 
 
@@ -23,6 +26,33 @@ def test_pixel_codec_is_exactly_invertible():
     assert torch.equal(latents_to_pixels(z, 4), x)
     # channel c * 16 + 4 * dy + dx of latent pixel (i, j) is pixel (4 i + dy, 4 j + dx)
     assert z[0, 1 * 16 + 4 * 2 + 3, 1, 2, 5] == x[0, 1, 1, 4 * 2 + 2, 4 * 5 + 3]
+
+
+def test_codec_transfer_makes_a_coarser_model_the_block_mean_of_the_finer_one():
+    fine = TestbedConfig(frames=2, height=32, width=32, pixel_factor=4, num_layers=1,
+                         num_heads=2, head_dim=12, ffn_dim=24, freq_dim=16, text_dim=8)  # fmt: skip
+    coarse = with_pixel_factor(fine, 2)
+    assert (coarse.height, coarse.width) == (16, 16) and coarse.token_grid() == fine.token_grid()
+    torch.manual_seed(0)
+    big = build_model(fine).eval()
+    torch.nn.init.normal_(big.proj_out.bias)  # zero at init: give the bias something to move
+    small = build_model(coarse).eval()
+    small.load_state_dict(transfer_codec_weights(dict(big.state_dict()), 4, 2))
+    clip = torch.randn(1, 3, 2, 16, 16)
+    repeated = clip.repeat_interleave(2, 3).repeat_interleave(2, 4)  # the clip at 32 px
+    t, text = torch.tensor([500.0]), torch.randn(1, 4, 8)
+    with torch.no_grad():
+        out_big = latents_to_pixels(big(pixels_to_latents(repeated, 4), t, text)[0], 4)
+        out_small = latents_to_pixels(small(pixels_to_latents(clip, 2), t, text)[0], 2)
+    # the coarse model on a clip = the fine model on its pixel-repeated copy, averaged 2 x 2
+    pooled = torch.nn.functional.avg_pool3d(out_big, (1, 2, 2))
+    assert torch.allclose(out_small, pooled, atol=1e-5) and out_small.abs().mean() > 0.1
+    back = transfer_codec_weights(transfer_codec_weights(dict(big.state_dict()), 4, 2), 2, 4)
+    assert all(back[k].shape == v.shape for k, v in big.state_dict().items())
+    with pytest.raises(ValueError, match="divide"):
+        transfer_codec_weights(dict(big.state_dict()), 4, 3)
+    with pytest.raises(ValueError, match=">= 1"):
+        with_pixel_factor(fine, 0)
 
 
 def test_testbed_size_and_token_grid():

@@ -311,6 +311,32 @@ def test_init_from_a_checkpoint_file_takes_its_bf16_weights_and_record(tmp_path)
         Trainer(_args(tmp_path / "c", "--init-from", str(tmp_path / "bad.safetensors")))
 
 
+def test_init_from_another_pixel_factor_keeps_the_token_grid_and_resamples_the_codec(tmp_path):
+    old = Trainer(_args(tmp_path / "a", "--total-steps", "2"))  # tiny: 32 px at pixel factor 2
+    old.train_step()
+    old.save_compact(tmp_path / "old")
+    ckpt = old.export(tmp_path / "old.safetensors")
+    for source in (ckpt, tmp_path / "old"):  # a checkpoint file or a compact state
+        new = Trainer(_args(tmp_path / "b", "--total-steps", "2", "--pixel-factor", "1",
+                            "--init-from", str(source)))  # fmt: skip
+        assert (new.config.pixel_factor, new.config.height, new.sizes) == (1, 16, [16])
+        assert new.config.token_grid() == old.config.token_grid()
+        assert new.model.patch_embedding.weight.shape[1] == 3  # one pixel a latent pixel
+        kept = old.ema.blocks[0].ffn.net[2].weight
+        assert torch.allclose(new.model.blocks[0].ffn.net[2].weight, kept, rtol=0, atol=1e-2)
+        new.run()
+    ckpt16 = new.export(tmp_path / "new.safetensors")
+    config = load_testbed(ckpt16)[1]
+    assert (config.pixel_factor, config.height, config.width) == (1, 16, 16)
+    with pytest.raises(StateError, match="--pixel-factor 1"):  # a resume must keep the codec
+        Trainer(_args(tmp_path / "b", "--resume"))
+    new.save_compact(tmp_path / "s16")
+    with pytest.raises(StateError, match="--pixel-factor 1"):
+        Trainer(_args(tmp_path / "c", "--resume-from", str(tmp_path / "s16")))
+    with pytest.raises(SystemExit):
+        main([*_cli(tmp_path / "d"), "--pixel-factor", "0", "--max-minutes", "0"])
+
+
 def test_compact_state_at_step_zero_is_lossless(tmp_path):
     # Nothing lossy at step 0: fp32 weights (the tiny state fits), EMA equal to the weights, no
     # optimizer moments yet; the resumed run then matches an uninterrupted one bit for bit.

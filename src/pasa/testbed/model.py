@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -237,6 +237,98 @@ def sample_predicting_wan() -> type:
             return Transformer2DModelOutput(sample=velocity) if return_dict else (velocity,)
 
     return SamplePredictingWan
+
+
+CODEC_FIELDS = ("pixel_factor", "height", "width")
+CODEC_LAYERS = ("patch_embedding.weight", "proj_out.weight", "proj_out.bias")  # change shape
+
+
+def with_pixel_factor(config: TestbedConfig, factor: int) -> TestbedConfig:
+    """``config`` with pixel factor ``factor`` and the same token grid: the clip's side scales
+    with the factor (the testbed's 16 x 32 x 32 tokens are 256 x 256 pixels at 4, 128 x 128 at
+    2), so attention, PASA's blocks and their cost stay as they were."""
+    if factor < 1:
+        raise ValueError(f"pixel factor must be >= 1, got {factor}")
+    scale = lambda side: side * factor // config.pixel_factor  # noqa: E731
+    if any(side * factor % config.pixel_factor for side in (config.height, config.width)):
+        raise ValueError(
+            f"a {config.height}x{config.width} clip at pixel factor {config.pixel_factor} has no "
+            f"whole-pixel size at pixel factor {factor}"
+        )
+    return replace(config, pixel_factor=factor, height=scale(config.height),
+                   width=scale(config.width))  # fmt: skip
+
+
+def _tile_pixels(x: torch.Tensor, factor: int, channel_dim: int) -> torch.Tensor:
+    """The codec layers' per-token axes as pixels: ``x``'s ``channel_dim`` indexes
+    ``(colour, fy, fx)`` of the latent and the two dims after it the 2 x 2 patch ``(py, px)``;
+    returns ``x`` with those three dims replaced by ``(colour, 2 f, 2 f)`` pixel rows and columns
+    of the token's tile (pixel row ``py f + fy``)."""
+    shape = x.shape
+    x = x.reshape(*shape[:channel_dim], 3, factor, factor, 2, 2, *shape[channel_dim + 3 :])
+    d = channel_dim  # dims d..d+4: colour, fy, fx, py, px
+    order = [*range(d), d, d + 3, d + 1, d + 4, d + 2, *range(d + 5, x.dim())]
+    x = x.permute(order)
+    return x.reshape(*shape[:channel_dim], 3, 2 * factor, 2 * factor, *shape[channel_dim + 3 :])
+
+
+def _untile_pixels(x: torch.Tensor, factor: int, channel_dim: int) -> torch.Tensor:
+    """Inverse of :func:`_tile_pixels`."""
+    shape = x.shape
+    d = channel_dim
+    x = x.reshape(*shape[:d], 3, 2, factor, 2, factor, *shape[d + 3 :])  # colour, py, fy, px, fx
+    x = x.permute([*range(d), d, d + 2, d + 4, d + 1, d + 3, *range(d + 5, x.dim())])
+    return x.reshape(*shape[:d], 3 * factor * factor, 2, 2, *shape[d + 3 :])
+
+
+def _resample_tile(x: torch.Tensor, source: int, target: int, dims: tuple[int, int], how: str):
+    """A token tile's pixel axes ``dims`` from ``2 source`` to ``2 target`` pixels a side:
+    coarser by summing (``how="sum"``) or averaging (``"mean"``) each ``s x s`` block; finer by
+    repeating each pixel (divided by ``s^2`` for ``"sum"``)."""
+    a, b = dims
+    if source % target == 0:
+        s = source // target
+        shape = list(x.shape)
+        shape[a : a + 1] = [shape[a] // s, s]
+        x = x.reshape(shape)
+        b += 1
+        shape = list(x.shape)
+        shape[b : b + 1] = [shape[b] // s, s]
+        x = x.reshape(shape)
+        return x.sum((a + 1, b + 1)) if how == "sum" else x.mean((a + 1, b + 1))
+    s = target // source
+    x = x.repeat_interleave(s, a).repeat_interleave(s, b)
+    return x / (s * s) if how == "sum" else x
+
+
+def transfer_codec_weights(
+    weights: dict[str, torch.Tensor], source: int, target: int
+) -> dict[str, torch.Tensor]:
+    """``weights`` of a model at pixel factor ``source`` as weights of the same model at
+    ``target`` (one must divide the other), for a warm start onto another codec: only
+    :data:`CODEC_LAYERS` change shape. A token covers the same share of the frame at both
+    factors; the input layer sums the source's weights over each block of pixels that one
+    target pixel stands for, so a coarser clip is embedded as its pixel-repeated upsampling was,
+    and the output layer averages them, so it predicts each block's mean. The noise's statistics
+    do differ (one value per coarse pixel), which training then adapts to."""
+    if source == target:
+        return dict(weights)
+    if source % target and target % source:
+        raise ValueError(f"pixel factors {source} and {target}: one must divide the other")
+    out = dict(weights)
+    weights = {name: weights[name].detach() for name in CODEC_LAYERS}
+    embed = _tile_pixels(weights["patch_embedding.weight"].squeeze(2), source, 1)  # D, 3, 2f, 2f
+    embed = _resample_tile(embed, source, target, (2, 3), "sum")
+    out["patch_embedding.weight"] = _untile_pixels(embed, target, 1).unsqueeze(2)
+    for name in ("proj_out.weight", "proj_out.bias"):
+        w = weights[name]  # rows ordered (py, px, colour, fy, fx)
+        rows = w.reshape(2, 2, 3, source, source, *w.shape[1:])
+        rows = rows.movedim((0, 1), (3, 4)).reshape(3 * source * source, 2, 2, *w.shape[1:])
+        tile = _resample_tile(_tile_pixels(rows, source, 0), source, target, (1, 2), "mean")
+        back = _untile_pixels(tile, target, 0)  # (colour fy fx), py, px, ...
+        back = back.reshape(3, target, target, 2, 2, *w.shape[1:]).movedim((3, 4), (0, 1))
+        out[name] = back.reshape(-1, *w.shape[1:]).contiguous()
+    return out
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from pasa.testbed.data import clip_indices, make_batch
 from pasa.testbed.flow import NUM_TRAIN_TIMESTEPS, noisy_input, sample_time
 from pasa.testbed.model import (
+    CODEC_FIELDS,
     PREDICTIONS,
     PRESETS,
     CheckpointError,
@@ -47,6 +48,8 @@ from pasa.testbed.model import (
     load_testbed,
     pixels_to_latents,
     save_testbed,
+    transfer_codec_weights,
+    with_pixel_factor,
 )
 from pasa.testbed.scene import CAPTION_ORDERS, SCENE_STYLE_NAMES, mix_seed
 from pasa.testbed.state import (
@@ -124,6 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="what the network's last layer predicts: 'velocity' (default: the preset's, runs "
         "1-4) or 'sample', the clean clip, turned into the velocity in the model's forward "
         "(pasa/testbed/model.py); --init-from a velocity checkpoint may switch it",
+    )
+    p.add_argument(
+        "--pixel-factor",
+        type=int,
+        default=None,
+        help="pixels a latent pixel stands for, per side (default: the preset's, 4); the token "
+        "grid stays, so 2 trains on 128 x 128 clips; --init-from a checkpoint at another factor "
+        "resamples its input and output layers",
     )
     p.add_argument("--resume", action="store_true", help="continue from OUT/state.pt if present")
     p.add_argument(
@@ -272,6 +283,8 @@ class Trainer:
         self.config = PRESETS[args.preset]
         chosen = {k: getattr(args, k, None) for k in WARM_START_FIELDS}
         self.config = replace(self.config, **{k: v for k, v in chosen.items() if v is not None})
+        if getattr(args, "pixel_factor", None):
+            self.config = with_pixel_factor(self.config, args.pixel_factor)
         self.sizes, self.size_weights = _parse_sizes(args, self.config)
         self.text = self.config.text_encoder()
         torch.manual_seed(args.seed)  # identical initial weights on every rank
@@ -328,11 +341,14 @@ class Trainer:
         except (TypeError, ValueError) as exc:
             raise StateError(f"{where} holds no usable testbed config ({exc})") from exc
         ours = _warm_start_settings(self.config)
-        if replace(config, **ours) != self.config:
+        codec = {k: getattr(self.config, k) for k in CODEC_FIELDS}
+        if replace(config, **ours, **codec) != self.config:
             raise StateError(f"{where} was trained with a different config: {asdict(config)}")
         if config != self.config and not any_data:
             flags = [f"--{k.replace('_', '-')} {getattr(config, k)}" for k, v in ours.items()
                      if getattr(config, k) != v]  # fmt: skip
+            if config.pixel_factor != self.config.pixel_factor:
+                flags.append(f"--pixel-factor {config.pixel_factor}")
             raise StateError(f"{where} was trained with a different config: {asdict(config)} "
                              f"(pass {' '.join(flags)} to continue it)")  # fmt: skip
         return config
@@ -347,7 +363,7 @@ class Trainer:
         else:
             tensors, manifest = read_state_parts(source)
             saved = self._check_config(manifest.get("config"), source, any_data=True)
-            weights, ema = self._decode_weights(tensors, manifest, source)
+            weights, ema = self._decode_weights(tensors, manifest, source, saved)
             source_weights = ema if ema else weights
             origin = {
                 "steps": manifest["step"],
@@ -358,6 +374,11 @@ class Trainer:
                 "trained_by": manifest.get("trained_by"),
             }
         switched = saved.prediction != self.config.prediction
+        recoded = saved.pixel_factor != self.config.pixel_factor
+        if recoded:
+            source_weights = transfer_codec_weights(
+                source_weights, saved.pixel_factor, self.config.pixel_factor
+            )
         with torch.no_grad():
             for name, p in self.model.named_parameters():
                 p.copy_(source_weights[name])
@@ -376,6 +397,12 @@ class Trainer:
             if switched:
                 print(f"note: the output layer starts at zero ({saved.prediction} -> "
                       f"{self.config.prediction} prediction)")  # fmt: skip
+            if recoded:
+                print(
+                    f"note: pixel factor {saved.pixel_factor} -> {self.config.pixel_factor}: "
+                    f"{self.config.height}x{self.config.width} clips on the same token grid; "
+                    "the input and output layers resampled (transfer_codec_weights)"
+                )
 
     def _checkpoint_source(self, path: Path) -> tuple[dict[str, torch.Tensor], TestbedConfig, dict]:
         """A testbed checkpoint's weights (fp32), config and record, for :meth:`_init_from`."""
@@ -391,11 +418,19 @@ class Trainer:
         return dict(model.named_parameters()), config, origin
 
     def _decode_weights(
-        self, tensors: dict[str, torch.Tensor], manifest: dict, directory: Path
+        self,
+        tensors: dict[str, torch.Tensor],
+        manifest: dict,
+        directory: Path,
+        config: TestbedConfig | None = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """The compact state's weights and EMA (empty when it has none), by parameter name."""
+        """The compact state's weights and EMA (empty when it has none), by parameter name;
+        shaped as this run's model, or as ``config``'s (a warm start from another codec)."""
         codec = manifest["codecs"]["weights"]
-        shapes = {n: p.shape for n, p in self.model.named_parameters()}
+        model = self.model
+        if config is not None and config.pixel_factor != self.config.pixel_factor:
+            model = build_model(config)
+        shapes = {n: p.shape for n, p in model.named_parameters()}
         if sorted(f"w.{n}" for n in shapes) != sorted(k for k in tensors if k.startswith("w.")):
             raise StateError(f"the state in {directory} holds other parameters than this model")
         weights, ema = {}, {}
@@ -802,6 +837,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0.0 <= args.pure_noise_share <= 1.0:
         parser.error(f"--pure-noise-share must be in [0, 1], got {args.pure_noise_share}")
+    if args.pixel_factor is not None:
+        try:
+            with_pixel_factor(PRESETS[args.preset], args.pixel_factor)
+        except ValueError as exc:
+            parser.error(f"--pixel-factor: {exc}")
     trainer = Trainer(args)
     try:
         trainer.run()
