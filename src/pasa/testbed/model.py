@@ -85,9 +85,10 @@ class TestbedConfig:
     # How captions are written (pasa/testbed/scene.py's caption()): "objects_first" (runs 1-2) or
     # "scene_first" (count, camera and background first), the preset and the shipped checkpoint's.
     caption_order: str = "objects_first"
-    # What the clips look like (pasa/testbed/scene.py's SCENE_STYLES): "original" (runs 1-3: 3-8
-    # objects, often small, full-contrast backgrounds) or "bold" (2-6 bigger objects, backgrounds
-    # at a third of the contrast), the preset and the shipped checkpoint's (run 4).
+    # What the clips look like (pasa/testbed/scene.py's SCENE_STYLES and STYLE_MIXES): "original"
+    # (runs 1-3: 3-8 objects, often small, full-contrast backgrounds), "bold" (2-6 bigger objects,
+    # backgrounds at a third of the contrast; the preset, and run 4's) or the mixture "bold+solo"
+    # (half the clips with one big object; the shipped checkpoint's, run 5).
     scene_style: str = "original"
     # What the network's last layer predicts (module docstring): "velocity" (runs 1-4, and what
     # a config without the field means) or "sample" (the clean latents). Both models return
@@ -166,9 +167,10 @@ class TestbedConfig:
         return cls(**data)
 
 
-# The shipped model's shape and data (9.15M parameters, 18.3 MB in bf16; bigram captions with
-# the scene first, bold clips: the shipped checkpoint, run 4, and new training runs) and a tiny
-# one for CPU tests.
+# The shipped model's shape (9.15M parameters, 18.3 MB in bf16) with bigram captions, the scene
+# first and bold clips (run 4's data; the shipped checkpoint, run 5, went on to bold+solo clips
+# with --pure-noise-share 0.15: docs/testbed.md), for new training runs; and a tiny one for CPU
+# tests.
 TESTBED = TestbedConfig(text_context="bigram", caption_order="scene_first", scene_style="bold")
 TINY = TestbedConfig(
     frames=4, height=32, width=32, pixel_factor=2, num_layers=2, num_heads=2, head_dim=12,
