@@ -39,6 +39,10 @@ def test_suite_writes_results(checkpoint, tmp_path):
         assert m["psnr"] > 0 and -1 <= m["ssim"] <= 1
         assert 0 < m["mean_density"] < 1 and len(m["step_densities"]) == 5
         assert m["plan_jaccard"] is not None and 0 <= m["plan_jaccard"] <= 1
+        assert m["seconds"] > 0 and m["metric_seconds"] > 0  # sampling, then its metrics
+    pair = data["dense"][0]["pair_seconds"]  # the pair's wall time holds every run's and dense's
+    runs = sum(r["metrics"]["seconds"] + r["metrics"]["metric_seconds"] for r in data["runs"])
+    assert pair >= runs + data["dense"][0]["seconds"] - 0.01
     by_name = {r["strategy"]: r["metrics"] for r in data["runs"]}
     profile = data["settings"]["budget profile"]  # PASA allocates from one calibration run
     assert profile["file"] == "budget_profile.json" and len(profile["curvatures"]) == 5

@@ -23,6 +23,7 @@ import json
 import shlex
 import shutil
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,6 +222,7 @@ def run_suite(
     table = ""
     with tqdm(total=total, desc="pasa eval", unit="clip", disable=not progress) as bar:
         for ci, seed in todo:
+            pair_started = time.perf_counter()
             caption = prompts[ci]
             where = {"caption": ci, "seed": seed}
             bar.set_postfix_str(f"caption {ci} seed {seed} dense")
@@ -244,15 +246,19 @@ def run_suite(
                         row["skipped"] = str(exc)
                     else:
                         run = generate(model, config, caption, seed=seed, hooks=hooks, **common)
+                        measured = time.perf_counter()
                         row["metrics"] = {
                             **_clip_metrics(run.frames, dense.frames, ref),
                             "plan_jaccard": run.plan_jaccard,
                             "mean_density": run.mean_density,
                             "seconds": run.seconds,
+                            "metric_seconds": round(time.perf_counter() - measured, 3),
                             "step_densities": run.report.realised_densities,
                         }
                     results["runs"].append(row)
                     bar.update()
+            # the pair's wall time: every generation and its metrics (not the files written next)
+            results["dense"][-1]["pair_seconds"] = round(time.perf_counter() - pair_started, 2)
             files, table = _write(out, results, labels, md, command)
     if not files:  # everything was resumed
         files, table = _write(out, results, labels, md, command)
