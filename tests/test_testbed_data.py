@@ -171,6 +171,22 @@ def test_solo_clips_show_one_big_object():
     assert all(caption(s).startswith("one shape") for s in scenes)
 
 
+def test_upright_and_fixed_solo_clips_keep_the_draws_and_pin_what_they_say():
+    for i in range(20):
+        solo, upright, fixed = (make_scene(5, i, style=s) for s in ("solo", "solo-upright",
+                                                                      "solo-fixed"))  # fmt: skip
+        (o,), (u,), (f,) = solo.objects, upright.objects, fixed.objects
+        assert (u.shape, u.texture, u.radius, u.start, u.motion) == (
+            o.shape, o.texture, o.radius, o.start, o.motion
+        )  # fmt: skip
+        assert u.angle == u.spin == 0.0 and (upright.pan, upright.zoom) == (solo.pan, solo.zoom)
+        assert (f.shape, f.texture, f.radius) == (o.shape, o.texture, o.radius)
+        assert (f.angle, f.spin, f.start, f.motion) == (0.0, 0.0, (0.5, 0.5), "still")
+        assert (fixed.pan, fixed.zoom, fixed.background) == ("none", "none", solo.background)
+        assert caption(fixed).endswith(f"{o.shape} stays still.")
+        assert "the camera stays still" in caption(fixed)
+
+
 def test_a_scene_style_that_does_not_exist_is_refused():
     with pytest.raises(ValueError, match="scene style must be one of"):
         make_scene(0, 0, style="busy")
