@@ -9,7 +9,10 @@ clips, seeds and steps, changing only the object sentences:
 
 - ``scene_first``: the captions as the trainer writes them;
 - ``placed``: each object's sentence also names the ninth of the frame where the object starts,
-  after its shape: "a big red striped circle at the top left bounces up-left".
+  after its shape: "a big red striped circle at the top left bounces up-left";
+- ``shape_only`` / ``colour_only`` (oracles, for one-object styles such as ``solo-fixed``): the
+  caption is the object's size and shape words alone ("big circle.") or its colour alone
+  ("red."), so the whole-caption gain is what that word is worth to the model.
 
 At the end it measures, on held-out clips, the loss gain of the true captions over shuffled ones
 and of the true object words over swapped ones (shape, colour, texture; and, for ``placed``, the
@@ -35,7 +38,7 @@ from _small_text_models import flow_loss, train_small_model
 from pasa.provenance import git_commit
 from pasa.testbed.scene import SCENE_STYLE_NAMES
 
-VARIANTS = ("scene_first", "placed")
+VARIANTS = ("scene_first", "placed", "shape_only", "colour_only")
 SETUP = dict(
     frames=4, height=64, width=64, num_layers=2, num_heads=2, head_dim=32, ffn_dim=256,
     freq_dim=64, text_dim=64, max_text_tokens=96, text_context="bigram",
@@ -69,6 +72,18 @@ def placed_caption(scene) -> str:
         at = next(i for i, w in enumerate(words) if w in SHAPES) + 1
         sentences[first + k] = " ".join([*words[:at], place_words(obj.start), *words[at:]])
     return ". ".join(sentences)
+
+
+def oracle_caption(scene, kind: str) -> str:
+    """The first object's size and shape words (``kind="shape"``) or its colour (``"colour"``)."""
+    from pasa.testbed.scene import describe_object
+
+    words = describe_object(scene.objects[-1], scene.style).split(" ")  # "a big red ... circle"
+    obj = scene.objects[-1]
+    if kind == "colour":
+        return f"{obj.texture.color}."
+    size = words[1] if words[1] in ("small", "big") else ""
+    return f"{size} {obj.shape}.".strip()
 
 
 def swap_places(caption: str) -> str:
@@ -105,7 +120,11 @@ def run_variant(
                                      height=config.height, width=config.width)
                         for i in range(0, len(scenes), 64)])  # fmt: skip
     latents = pixels_to_latents(pixels, config.pixel_factor)
-    write = placed_caption if variant == "placed" else (lambda s: caption(s, "scene_first"))
+    write = {
+        "placed": placed_caption,
+        "shape_only": lambda s: oracle_caption(s, "shape"),
+        "colour_only": lambda s: oracle_caption(s, "colour"),
+    }.get(variant, lambda s: caption(s, "scene_first"))
     captions = [write(s) for s in scenes]
     encoder = config.text_encoder()
     text = encoder(captions)[0]
