@@ -33,17 +33,21 @@ def train_small_model(
     every: int,
     on_every: Callable[[int, torch.nn.Module, list[float]], None],
     pure_noise_share: float = 0.0,
+    prepare: Callable[[torch.nn.Module], None] | None = None,
 ) -> tuple[torch.nn.Module, list[float]]:
     """Train ``build_model(config)`` (seeded) on ``latents`` with captions ``text`` (row by row):
     AdamW at 1e-3, batches drawn with replacement, 10% caption dropout, the trainer's time draw
     (:func:`pasa.testbed.flow.sample_time`: logit-normal, unshifted here, a share
     ``pure_noise_share`` set to 1).
-    ``on_every(step, model, losses)`` runs every ``every`` steps (the model in train mode)."""
+    ``on_every(step, model, losses)`` runs every ``every`` steps (the model in train mode);
+    ``prepare(model)`` runs once before training (e.g. to add a hook)."""
     from pasa.testbed.flow import sample_time
     from pasa.testbed.model import build_model
 
     torch.manual_seed(seed)
     model = build_model(config).float().train()
+    if prepare is not None:
+        prepare(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     gen = torch.Generator().manual_seed(seed + 1)
     losses: list[float] = []

@@ -86,6 +86,32 @@ def oracle_caption(scene, kind: str) -> str:
     return f"{size} {obj.shape}.".strip()
 
 
+def add_absolute_position(model) -> None:
+    """Add a fixed sinusoidal code of each token's frame, row and column (a third of the channels
+    each, unit RMS) to the patch embedding's output. Wan has none: its 3D rotary code acts inside
+    self-attention on relative offsets only, so without it a token can hardly tell where in the
+    frame it is when the input is pure noise."""
+    import math
+
+    def code(channels: int, f: int, h: int, w: int) -> torch.Tensor:
+        parts = []
+        for axis, n in enumerate((f, h, w)):
+            k = channels // 3 if axis < 2 else channels - 2 * (channels // 3)
+            pos = torch.arange(n, dtype=torch.float32)
+            freqs = torch.exp(-math.log(100.0) * torch.arange(0, k, 2) / k)
+            angles = pos[:, None] * freqs[None]
+            axis_code = torch.cat([angles.sin(), angles.cos()], 1)[:, :k]  # (n, k)
+            shape = [k, 1, 1, 1]
+            shape[axis + 1] = n
+            parts.append(axis_code.T.reshape(shape).expand(k, f, h, w))
+        return torch.cat(parts) * math.sqrt(2.0)
+
+    def hook(module, inputs, output):
+        return output + code(*output.shape[1:]).to(output)
+
+    model.patch_embedding.register_forward_hook(hook)
+
+
 def swap_places(caption: str) -> str:
     """Every place word of the object sentences for the opposite side."""
     from pasa.eval.caption_probe import map_object_words
@@ -104,6 +130,7 @@ def run_variant(
     style: str,
     pixel_factor: int = 4,
     pure_noise_share: float = 0.0,
+    absolute_position: bool = False,
 ) -> dict:
     """Train one model from scratch on ``size`` px clips; the held-out gains at the end."""
     from pasa.eval.caption_probe import SWAPS, swap_object_words
@@ -137,7 +164,9 @@ def run_variant(
     model, losses = train_small_model(config, latents[:clips], text[:clips], steps=steps,
                                       batch=batch, seed=seed, every=max(steps // 10, 1),
                                       on_every=progress,
-                                      pure_noise_share=pure_noise_share)  # fmt: skip
+                                      pure_noise_share=pure_noise_share,
+                                      prepare=add_absolute_position if absolute_position
+                                      else None)  # fmt: skip
     model.eval()
     held_x, held_captions = latents[clips:], captions[clips:]
     variants = {"shuffled": None, **{k: (lambda c, k=k: swap_object_words(c, k)) for k in SWAPS}}
@@ -190,6 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--pure-noise-share", type=float, default=0.0, help="share of training times set to 1"
     )
+    ap.add_argument(
+        "--absolute-position",
+        action="store_true",
+        help="add a fixed code of each token's place to the patch embedding (Wan has none)",
+    )
     ap.add_argument("--jobs", type=int, default=2, help="variants trained at once (1 thread each)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -200,13 +234,15 @@ def main(argv: list[str] | None = None) -> int:
     if not 0.0 <= args.pure_noise_share <= 1.0:
         ap.error("--pure-noise-share must be in [0, 1]")
     work = (args.clips, args.held_out, args.steps, args.batch, args.seed, args.size,
-            args.scene_style, args.pixel_factor, args.pure_noise_share)  # fmt: skip
+            args.scene_style, args.pixel_factor, args.pure_noise_share,
+            args.absolute_position)  # fmt: skip
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         results = list(
             pool.map(run_variant, args.variants, *[[w] * len(args.variants) for w in work])
         )
     setup = dict(SETUP, height=args.size, width=args.size, scene_style=args.scene_style,
                  pixel_factor=args.pixel_factor, pure_noise_share=args.pure_noise_share,
+                 absolute_position=args.absolute_position,
                  clips=args.clips,
                  held_out=args.held_out, steps=args.steps)  # fmt: skip
     setup.update(batch=args.batch, seed=args.seed, lr=1e-3, caption_dropout=0.1)
