@@ -41,7 +41,8 @@ def _features(scene: Scene) -> set[tuple]:
 @functools.cache
 def _covering_indices(style: str) -> tuple[int, ...]:
     """Clip indices of stream SEED whose scenes, together, show every feature (greedy)."""
-    lo, hi = SCENE_STYLES[style].objects
+    look = SCENE_STYLES[style]
+    lo, hi = look.objects
     wanted = (
         {("background", k) for k in BACKGROUNDS}
         | {("texture", k) for k in TEXTURES}
@@ -52,6 +53,13 @@ def _covering_indices(style: str) -> tuple[int, ...]:
         | {("zoom", z) for z in ZOOMS}
         | {("turns", True), ("turns", False), ("spins", True), ("spins", False)}
     )
+    if look.upright or look.fixed:  # what the diagnostic styles pin cannot vary
+        wanted -= {("spins", True)}
+    if look.fixed:
+        wanted -= {("motion", "moves"), ("motion", "bounces")}
+        wanted -= {("pan", p) for p in PANS if p != "none"} | {
+            ("zoom", z) for z in ZOOMS if z != "none"
+        }
     features = {i: _features(make_scene(SEED, i, frames=FRAMES, style=style)) for i in range(400)}
     chosen: list[int] = []
     missing = set(wanted)
