@@ -30,14 +30,9 @@ import torch
 
 from pasa.provenance import git_commit
 from pasa.testbed.rendering import _coverage, _sdf, _sdf_lengths
-from pasa.testbed.scene import COLORS, SCENE_STYLES, SHAPES, make_scene
+from pasa.testbed.scene import COLORS, SCENE_STYLES, SHAPES, _size_word, make_scene
 
 FRAME_PX = 256  # the testbed's clip side: one world unit
-
-
-def size_word(radius: float, style: str) -> str:
-    look = SCENE_STYLES[style]
-    return "small" if radius < look.small else ("big" if radius > look.big else "")
 
 
 def mask_draws(shape: str, rotate: bool, draws: int, window: float, n: int, gen: torch.Generator):
@@ -65,9 +60,9 @@ def explained_by_shape(rotate: bool, draws: int, window: float, n: int, seed: in
     per_shape = {shape: mask_draws(shape, rotate, draws, window, n, gen) for shape in SHAPES}
     cell = (window / n) ** 2  # frame share of one sample
     total = explained = 0.0
-    for word in ("small", "", "big"):
+    for word in ("small ", "", "big "):  # the caption's size words (scene._size_word)
         groups = [
-            torch.stack([m for r, m in per_shape[shape] if size_word(r, "solo") == word])
+            torch.stack([m for r, m in per_shape[shape] if _size_word(r, "solo") == word])
             for shape in SHAPES
         ]
         weight = sum(len(g) for g in groups) / (draws * len(SHAPES))

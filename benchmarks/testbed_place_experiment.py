@@ -75,15 +75,14 @@ def placed_caption(scene) -> str:
 
 
 def oracle_caption(scene, kind: str) -> str:
-    """The first object's size and shape words (``kind="shape"``) or its colour (``"colour"``)."""
-    from pasa.testbed.scene import describe_object
+    """The caption's first object's (the front one's) size and shape words (``kind="shape"``)
+    or its colour (``"colour"``)."""
+    from pasa.testbed.scene import _size_word
 
-    words = describe_object(scene.objects[-1], scene.style).split(" ")  # "a big red ... circle"
     obj = scene.objects[-1]
     if kind == "colour":
         return f"{obj.texture.color}."
-    size = words[1] if words[1] in ("small", "big") else ""
-    return f"{size} {obj.shape}.".strip()
+    return f"{_size_word(obj.radius, scene.style)}{obj.shape}."
 
 
 def add_absolute_position(model) -> None:
@@ -92,7 +91,9 @@ def add_absolute_position(model) -> None:
     self-attention on relative offsets only, so without it a token can hardly tell where in the
     frame it is when the input is pure noise."""
     import math
+    from functools import lru_cache
 
+    @lru_cache(maxsize=8)  # one per clip shape, not one per forward pass
     def code(channels: int, f: int, h: int, w: int) -> torch.Tensor:
         parts = []
         for axis, n in enumerate((f, h, w)):

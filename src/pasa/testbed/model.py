@@ -251,14 +251,15 @@ def with_pixel_factor(config: TestbedConfig, factor: int) -> TestbedConfig:
     2), so attention, PASA's blocks and their cost stay as they were."""
     if factor < 1:
         raise ValueError(f"pixel factor must be >= 1, got {factor}")
-    scale = lambda side: side * factor // config.pixel_factor  # noqa: E731
-    if any(side * factor % config.pixel_factor for side in (config.height, config.width)):
+    (height, h_left), (width, w_left) = (
+        divmod(side * factor, config.pixel_factor) for side in (config.height, config.width)
+    )
+    if h_left or w_left:
         raise ValueError(
             f"a {config.height}x{config.width} clip at pixel factor {config.pixel_factor} has no "
             f"whole-pixel size at pixel factor {factor}"
         )
-    return replace(config, pixel_factor=factor, height=scale(config.height),
-                   width=scale(config.width))  # fmt: skip
+    return replace(config, pixel_factor=factor, height=height, width=width)
 
 
 def _tile_pixels(x: torch.Tensor, factor: int, channel_dim: int) -> torch.Tensor:

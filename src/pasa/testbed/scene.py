@@ -72,9 +72,9 @@ class SceneStyle:
 # "original": the data of runs 1-3 (3-8 objects, often small, on full-contrast backgrounds).
 # "bold": the preset, and run 4's (the shipped run 5 mixes it with "solo"). Fewer and bigger
 # objects on backgrounds at a third of the contrast; every texture kind stays, on objects and
-# backgrounds alike. A 9M-parameter model trained on "original" denoises its objects well but samples only
-# background texture (docs/testbed.md), because objects cover a few percent of the pixels and so
-# of the loss.
+# backgrounds alike. A 9M-parameter model trained on "original" denoises its objects well but
+# samples only background texture (docs/testbed.md), because objects cover a few percent of the
+# pixels and so of the loss.
 SCENE_STYLES: dict[str, SceneStyle] = {
     "original": SceneStyle(objects=(3, 8), radius=(0.05, 0.17), small=0.075, big=0.12,
                            background_contrast=1.0),

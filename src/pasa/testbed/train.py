@@ -283,7 +283,7 @@ class Trainer:
         self.config = PRESETS[args.preset]
         chosen = {k: getattr(args, k, None) for k in WARM_START_FIELDS}
         self.config = replace(self.config, **{k: v for k, v in chosen.items() if v is not None})
-        if getattr(args, "pixel_factor", None):
+        if getattr(args, "pixel_factor", None) is not None:
             self.config = with_pixel_factor(self.config, args.pixel_factor)
         self.sizes, self.size_weights = _parse_sizes(args, self.config)
         self.text = self.config.text_encoder()
