@@ -85,32 +85,13 @@ def oracle_caption(scene, kind: str) -> str:
     return f"{_size_word(obj.radius, scene.style)}{obj.shape}."
 
 
-def add_absolute_position(model) -> None:
-    """Add a fixed sinusoidal code of each token's frame, row and column (a third of the channels
-    each, unit RMS) to the patch embedding's output. Wan has none: its 3D rotary code acts inside
-    self-attention on relative offsets only, so without it a token can hardly tell where in the
-    frame it is when the input is pure noise."""
-    import math
-    from functools import lru_cache
-
-    @lru_cache(maxsize=8)  # one per clip shape, not one per forward pass
-    def code(channels: int, f: int, h: int, w: int) -> torch.Tensor:
-        parts = []
-        for axis, n in enumerate((f, h, w)):
-            k = channels // 3 if axis < 2 else channels - 2 * (channels // 3)
-            pos = torch.arange(n, dtype=torch.float32)
-            freqs = torch.exp(-math.log(100.0) * torch.arange(0, k, 2) / k)
-            angles = pos[:, None] * freqs[None]
-            axis_code = torch.cat([angles.sin(), angles.cos()], 1)[:, :k]  # (n, k)
-            shape = [k, 1, 1, 1]
-            shape[axis + 1] = n
-            parts.append(axis_code.T.reshape(shape).expand(k, f, h, w))
-        return torch.cat(parts) * math.sqrt(2.0)
-
-    def hook(module, inputs, output):
-        return output + code(*output.shape[1:]).to(output)
-
-    model.patch_embedding.register_forward_hook(hook)
+def fix_position_gain(model) -> None:
+    """The position code at gain 1, not trained: a fixed sinusoidal code of each token's frame,
+    row and column (unit RMS; pasa/testbed/model.py) added to the patch embedding's output. Wan
+    has none: its 3D rotary code acts inside self-attention on relative offsets only, so without
+    it a token can hardly tell where in the frame it is when the input is pure noise."""
+    model.patch_embedding.position_gain.data.fill_(1.0)
+    model.patch_embedding.position_gain.requires_grad_(False)
 
 
 def swap_places(caption: str) -> str:
@@ -140,8 +121,9 @@ def run_variant(
     from pasa.testbed.scene import caption, make_scene
 
     torch.set_num_threads(1)
+    code = "sinusoidal" if absolute_position else "none"
     config = TestbedConfig(**dict(SETUP, height=size, width=size, scene_style=style,
-                                  pixel_factor=pixel_factor))  # fmt: skip
+                                  pixel_factor=pixel_factor, position_code=code))  # fmt: skip
     scenes = [make_scene(DATA_SEED, i, frames=config.frames, style=style)
               for i in range(clips + held)]  # fmt: skip
     pixels = torch.cat([render_batch(scenes[i : i + 64], frames=config.frames,
@@ -166,7 +148,7 @@ def run_variant(
                                       batch=batch, seed=seed, every=max(steps // 10, 1),
                                       on_every=progress,
                                       pure_noise_share=pure_noise_share,
-                                      prepare=add_absolute_position if absolute_position
+                                      prepare=fix_position_gain if absolute_position
                                       else None)  # fmt: skip
     model.eval()
     held_x, held_captions = latents[clips:], captions[clips:]

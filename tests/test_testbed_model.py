@@ -14,6 +14,8 @@ from pasa.testbed.model import (
     load_testbed,
     pixels_to_latents,
     save_testbed,
+    sinusoidal_position_code,
+    token_positions,
     transfer_codec_weights,
     with_pixel_factor,
 )
@@ -167,3 +169,49 @@ def test_sample_prediction_returns_the_velocity_of_its_clean_clip(tmp_path):
     with pytest.raises(ValueError, match="prediction must be one of"):
         replace(TINY, prediction="noise")
     assert TINY.prediction == TESTBED.prediction == "velocity"  # runs 1-4; old configs too
+
+
+def test_position_code_starts_as_the_plain_model_and_round_trips(tmp_path):
+    from dataclasses import replace
+
+    coded = replace(TINY, position_code="sinusoidal")
+    torch.manual_seed(0)
+    plain = build_model(TINY).eval()
+    torch.manual_seed(0)
+    model = build_model(coded).eval()  # the same draws: the gain is made after the rest
+    assert type(model).__name__ == "PositionCodedWanTransformer3DModel"
+    extra = set(model.state_dict()) - set(plain.state_dict())
+    assert extra == {"patch_embedding.position_gain"}
+    assert not model.patch_embedding.position_gain.any()  # zero gain: the plain model
+    x, t, text = torch.randn(1, 12, 4, 16, 16), torch.tensor([500.0]), torch.randn(1, 96, 8)
+    with torch.no_grad():
+        assert torch.equal(model(x, t, text, return_dict=False)[0],
+                           plain(x, t, text, return_dict=False)[0])  # fmt: skip
+        model.patch_embedding.position_gain.fill_(0.5)
+        moved = model(x, t, text, return_dict=False)[0]
+    assert not torch.allclose(moved, plain(x, t, text, return_dict=False)[0])
+    path = save_testbed(model, coded, tmp_path / "m.safetensors", training={}, dtype=torch.float32)
+    loaded, config, _ = load_testbed(path)
+    assert config.position_code == "sinusoidal"
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, text, return_dict=False)[0], moved)
+    sample_coded = build_model(replace(coded, prediction="sample"))
+    assert type(sample_coded).__name__ == "PositionCodedSamplePredictingWan"
+    with pytest.raises(ValueError, match="position_code"):
+        replace(TINY, position_code="learned")
+
+
+def test_position_code_measures_rows_and_columns_in_full_size_tokens():
+    code = sinusoidal_position_code(30, 3, 4, 6)
+    assert code.shape == (30, 3, 4, 6)
+    assert torch.allclose(code.pow(2).mean(0), torch.ones(3, 4, 6))  # unit RMS at every token
+    # Ten channels each: frame, row, column. A frame's code is the same at every place.
+    assert torch.equal(code[:10, 1], code[:10, 1, :1, :1].expand(10, 4, 6))
+    assert torch.equal(code[10:20, :, 2], code[10:20, :1, 2].expand(10, 3, 6))
+    assert torch.equal(token_positions(8), torch.arange(8.0))
+    assert torch.equal(token_positions(8, 8), torch.arange(8.0))
+    coarse, fine = token_positions(4, 8), token_positions(8, 8)
+    assert torch.equal(coarse, fine.view(4, 2).mean(1))  # a coarse token: its fine tokens' mean
+    half = sinusoidal_position_code(30, 3, 4, 6, side=8)
+    assert torch.equal(half[:10], code[:10])  # frames stay indices
+    assert not torch.allclose(half[10:], code[10:])

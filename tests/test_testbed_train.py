@@ -337,6 +337,41 @@ def test_init_from_another_pixel_factor_keeps_the_token_grid_and_resamples_the_c
         main([*_cli(tmp_path / "d"), "--pixel-factor", "0", "--max-minutes", "0"])
 
 
+def test_init_from_adds_a_position_code_at_zero_gain_and_never_drops_it(tmp_path):
+    old = Trainer(_args(tmp_path / "a", "--total-steps", "2"))
+    old.train_step()
+    old.save_compact(tmp_path / "old")
+    ckpt = old.export(tmp_path / "old.safetensors")
+    for source in (ckpt, tmp_path / "old"):  # a checkpoint file or a compact state
+        new = Trainer(_args(tmp_path / "b", "--total-steps", "2", "--position-code",
+                            "sinusoidal", "--init-from", str(source)))  # fmt: skip
+        assert new.config.position_code == "sinusoidal"
+        gain = new.model.patch_embedding.position_gain
+        assert not gain.any() and not new.ema.patch_embedding.position_gain.any()
+        kept = old.ema.blocks[0].ffn.net[2].weight
+        assert torch.allclose(new.model.blocks[0].ffn.net[2].weight, kept, rtol=0, atol=1e-2)
+        plain = build_model(TINY).eval()  # the same weights without the code
+        plain.load_state_dict({k: v for k, v in new.model.state_dict().items()
+                               if k != "patch_embedding.position_gain"})  # fmt: skip
+        x, t, text = torch.randn(1, 12, 4, 16, 16), torch.tensor([700.0]), torch.randn(1, 96, 8)
+        with torch.no_grad():  # zero gain: the new model computes what the plain one does
+            assert torch.equal(new.model.eval()(x, t, text, return_dict=False)[0],
+                               plain(x, t, text, return_dict=False)[0])  # fmt: skip
+        new.model.train()
+        new.run()
+        assert new.model.patch_embedding.position_gain.any()  # it trains
+    coded = new.export(tmp_path / "coded.safetensors")
+    assert load_testbed(coded)[1].position_code == "sinusoidal"
+    with pytest.raises(StateError, match="--position-code sinusoidal"):  # a resume keeps it
+        Trainer(_args(tmp_path / "b", "--resume"))
+    with pytest.raises(StateError, match="cannot drop it"):  # a warm start too
+        Trainer(_args(tmp_path / "c", "--init-from", str(coded)))
+    again = Trainer(_args(tmp_path / "d", "--position-code", "sinusoidal", "--init-from",
+                          str(coded)))  # fmt: skip
+    assert torch.equal(again.model.patch_embedding.position_gain,
+                       new.ema.patch_embedding.position_gain.to(torch.bfloat16).float())  # fmt: skip
+
+
 def test_compact_state_at_step_zero_is_lossless(tmp_path):
     # Nothing lossy at step 0: fp32 weights (the tiny state fits), EMA equal to the weights, no
     # optimizer moments yet; the resumed run then matches an uninterrupted one bit for bit.

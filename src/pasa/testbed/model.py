@@ -40,6 +40,11 @@ FORMAT_VERSION = 1
 METADATA_KEY = "pasa_testbed"
 DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoint" / "testbed.safetensors"
 PREDICTIONS = ("velocity", "sample")
+# What tells a token where it is besides Wan's rotary code, which acts inside self-attention on
+# relative offsets only: "none" (runs 1-5), or "sinusoidal", a fixed code of each token's frame,
+# row and column added to the patch embedding with a learned per-channel gain that starts at zero
+# (:func:`position_coded_wan`).
+POSITION_CODES = ("none", "sinusoidal")
 # A sample-predicting model divides by t; below this the velocity's error would be amplified
 # without bound (Li & He clip the same division at 0.05).
 T_MIN = 0.05
@@ -94,12 +99,19 @@ class TestbedConfig:
     # a config without the field means) or "sample" (the clean latents). Both models return
     # the velocity.
     prediction: str = "velocity"
+    # An absolute position code on the patch embedding (POSITION_CODES): "none" (runs 1-5, and
+    # what a config without the field means) or "sinusoidal".
+    position_code: str = "none"
 
     def __post_init__(self) -> None:
         check_caption_order(self.caption_order)
         check_scene_style(self.scene_style)
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+        if self.position_code not in POSITION_CODES:
+            raise ValueError(
+                f"position_code must be one of {POSITION_CODES}, got {self.position_code!r}"
+            )
         if self.text_context not in CONTEXTS:
             raise ValueError(f"text_context must be one of {CONTEXTS}, got {self.text_context!r}")
         step = 2 * self.pixel_factor
@@ -199,12 +211,18 @@ def latents_to_pixels(latents: torch.Tensor, factor: int) -> torch.Tensor:
 def build_model(config: TestbedConfig = TESTBED):
     """A freshly initialised ``WanTransformer3DModel`` for ``config`` (fp32): the diffusers class
     itself for ``prediction="velocity"``, :func:`sample_predicting_wan`'s subclass for
-    ``"sample"``."""
+    ``"sample"``; either with :func:`position_coded_wan`'s code for
+    ``position_code="sinusoidal"``."""
     if config.prediction == "sample":
-        return sample_predicting_wan()(**config.transformer_kwargs())
-    from diffusers import WanTransformer3DModel
+        base = sample_predicting_wan()
+    else:
+        from diffusers import WanTransformer3DModel
 
-    return WanTransformer3DModel(**config.transformer_kwargs())
+        base = WanTransformer3DModel
+    if config.position_code == "sinusoidal":
+        side = config.token_grid()[1]
+        return position_coded_wan(base)(**config.transformer_kwargs(), position_side=side)
+    return base(**config.transformer_kwargs())
 
 
 def velocity_from_sample(
@@ -239,6 +257,83 @@ def sample_predicting_wan() -> type:
             return Transformer2DModelOutput(sample=velocity) if return_dict else (velocity,)
 
     return SamplePredictingWan
+
+
+POSITION_GAIN = "patch_embedding.position_gain"
+
+
+def token_positions(n: int, side: int | None = None) -> torch.Tensor:
+    """The positions of ``n`` tokens along an axis: their indices, or with ``side`` their
+    centres measured in tokens of an axis ``side`` tokens long (a coarse token sits at the mean
+    of the fine ones it covers)."""
+    pos = torch.arange(n, dtype=torch.float32)
+    return pos if side is None else (pos + 0.5) * (side / n) - 0.5
+
+
+@lru_cache(maxsize=16)  # one per clip shape, device and dtype, not one per forward pass
+def sinusoidal_position_code(
+    channels: int,
+    frames: int,
+    height: int,
+    width: int,
+    side: int | None = None,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``(channels, frames, height, width)``: a third of the channels code the token's frame,
+    a third its row, the rest its column, each as sines and cosines of its position at
+    frequencies from 1 to 1/100 radian per token; unit RMS over the channels.
+
+    Positions are token indices; with ``side`` the rows and columns are measured in tokens of a
+    frame ``side`` tokens across instead, so that a clip at another size (fewer tokens for the
+    same scene) gives each place in the frame the code it has at full size."""
+    import math
+
+    parts = []
+    for axis, n in enumerate((frames, height, width)):
+        k = channels // 3 if axis < 2 else channels - 2 * (channels // 3)
+        pos = token_positions(n, side if axis else None)
+        freqs = torch.exp(-math.log(100.0) * torch.arange(0, k, 2) / k)
+        angles = pos[:, None] * freqs[None]
+        axis_code = torch.cat([angles.sin(), angles.cos()], 1)[:, :k]  # (n, k)
+        shape = [k, 1, 1, 1]
+        shape[axis + 1] = n
+        parts.append(axis_code.T.reshape(shape).expand(k, frames, height, width))
+    code = torch.cat(parts) * math.sqrt(2.0)
+    return code.to(device=device, dtype=dtype)
+
+
+def _add_position_code(module: torch.nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook of a position-coded model's patch embedding: its output ``(B, D, F, H, W)``
+    plus the module's ``position_gain`` (D) times :func:`sinusoidal_position_code` (rows and
+    columns in tokens of the module's ``position_side``)."""
+    code = sinusoidal_position_code(
+        *output.shape[1:], module.position_side, device=output.device, dtype=output.dtype
+    )
+    return output + module.position_gain.to(output.dtype).view(-1, 1, 1, 1) * code
+
+
+@lru_cache(maxsize=2)
+def position_coded_wan(base: type) -> type:
+    """``base`` (a ``WanTransformer3DModel`` class) with an absolute position code. Its
+    constructor takes ``position_side`` (the token grid's side at the training size; None: raw
+    token indices) besides ``base``'s arguments; the patch embedding gets a parameter
+    ``position_gain`` (one per channel, :data:`POSITION_GAIN` in the state dict) initialised at
+    zero, and a forward hook that adds the gain times :func:`sinusoidal_position_code` to its
+    output. At zero gain the model computes exactly what ``base`` does, so a warm start from a
+    model without the code begins where that model was. Attention, and so PASA's hooks, are
+    untouched."""
+
+    class PositionCoded(base):
+        def __init__(self, *args, position_side: int | None = None, **kwargs):
+            super().__init__(*args, **kwargs)
+            channels = self.patch_embedding.out_channels
+            self.patch_embedding.position_gain = torch.nn.Parameter(torch.zeros(channels))
+            self.patch_embedding.position_side = position_side
+            self.patch_embedding.register_forward_hook(_add_position_code)
+
+    PositionCoded.__name__ = PositionCoded.__qualname__ = "PositionCoded" + base.__name__
+    return PositionCoded
 
 
 CODEC_FIELDS = ("pixel_factor", "height", "width")

@@ -38,6 +38,8 @@ from pasa.testbed.data import clip_indices, make_batch
 from pasa.testbed.flow import NUM_TRAIN_TIMESTEPS, noisy_input, sample_time
 from pasa.testbed.model import (
     CODEC_FIELDS,
+    POSITION_CODES,
+    POSITION_GAIN,
     PREDICTIONS,
     PRESETS,
     CheckpointError,
@@ -85,7 +87,7 @@ def _read_log(path: Path, upto_step: int) -> list[dict]:
 # The config fields that say what the model was trained on and what its output means rather than
 # its shape: a warm start (--init-from) may change them; a resume must keep them (the flags name
 # the saved ones).
-WARM_START_FIELDS = ("text_context", "caption_order", "scene_style", "prediction")
+WARM_START_FIELDS = ("text_context", "caption_order", "scene_style", "prediction", "position_code")
 
 
 def _warm_start_settings(config: TestbedConfig) -> dict[str, str]:
@@ -127,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="what the network's last layer predicts: 'velocity' (default: the preset's, runs "
         "1-4) or 'sample', the clean clip, turned into the velocity in the model's forward "
         "(pasa/testbed/model.py); --init-from a velocity checkpoint may switch it",
+    )
+    p.add_argument(
+        "--position-code",
+        choices=POSITION_CODES,
+        default=None,
+        help="an absolute position code on the patch embedding: 'none' (default: the preset's, "
+        "runs 1-5) or 'sinusoidal' (pasa/testbed/model.py; its gain starts at zero, so "
+        "--init-from a checkpoint without one begins where that checkpoint was)",
     )
     p.add_argument(
         "--pixel-factor",
@@ -375,12 +385,20 @@ class Trainer:
             }
         switched = saved.prediction != self.config.prediction
         recoded = saved.pixel_factor != self.config.pixel_factor
+        coded = saved.position_code != self.config.position_code
+        if coded and saved.position_code != "none":
+            raise StateError(
+                f"{source} has a learned position code ({saved.position_code}); a warm start "
+                f"cannot drop it (pass --position-code {saved.position_code})"
+            )
         if recoded:
             source_weights = transfer_codec_weights(
                 source_weights, saved.pixel_factor, self.config.pixel_factor
             )
         with torch.no_grad():
             for name, p in self.model.named_parameters():
+                if name == POSITION_GAIN and coded:
+                    continue  # a new code: its gain stays at zero, the source's function
                 p.copy_(source_weights[name])
             if switched:  # the output means something else now: start the head at zero (DiT)
                 self.model.proj_out.weight.zero_()
@@ -397,6 +415,8 @@ class Trainer:
             if switched:
                 print(f"note: the output layer starts at zero ({saved.prediction} -> "
                       f"{self.config.prediction} prediction)")  # fmt: skip
+            if coded:
+                print(f"note: the {self.config.position_code} position code starts at zero gain")
             if recoded:
                 print(
                     f"note: pixel factor {saved.pixel_factor} -> {self.config.pixel_factor}: "
@@ -428,7 +448,10 @@ class Trainer:
         shaped as this run's model, or as ``config``'s (a warm start from another codec)."""
         codec = manifest["codecs"]["weights"]
         model = self.model
-        if config is not None and config.pixel_factor != self.config.pixel_factor:
+        differ = ("pixel_factor", "position_code")  # the fields that change parameters
+        if config is not None and any(
+            getattr(config, k) != getattr(self.config, k) for k in differ
+        ):
             model = build_model(config)
         shapes = {n: p.shape for n, p in model.named_parameters()}
         if sorted(f"w.{n}" for n in shapes) != sorted(k for k in tensors if k.startswith("w.")):
