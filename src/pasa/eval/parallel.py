@@ -15,6 +15,7 @@ number of devices.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -119,8 +120,17 @@ def merge_results(files: Sequence[Path], devices: Sequence[str]) -> dict[str, An
     }
 
 
-def _shard_main(device: str, kwargs: dict[str, Any], log: str) -> None:
-    """One share, in its own process: the suite on ``device`` with output to ``log``."""
+def _shard_main(device: str, kwargs: dict[str, Any], log: str, threads: int) -> None:
+    """One share, in its own process: the suite on ``device`` with output to ``log``, its CPU
+    work (the metrics: SSIM's convolutions in torch, optical flow in OpenCV) on ``threads``
+    threads, so that the shares do not each start one per core of the machine."""
+    torch.set_num_threads(threads)
+    try:
+        import cv2
+
+        cv2.setNumThreads(threads)
+    except ImportError:  # run_suite names the missing extra
+        pass
     with open(log, "a", buffering=1) as handle:
         sys.stdout = sys.stderr = handle
         try:
@@ -189,6 +199,7 @@ def run_suite_parallel(
     shares = deal([p for p in every if p not in done], len(devices))
     per_pair = 1 + len(names) * len(options.get("densities", _suite.DENSITIES))
     ctx = multiprocessing.get_context("spawn")
+    threads = max(1, (os.cpu_count() or 1) // max(1, sum(1 for s in shares if s)))
     procs: list[tuple[int, Any, Path]] = []
     for k, (device, share) in enumerate(zip(devices, shares, strict=True)):
         if not share:
@@ -198,7 +209,7 @@ def run_suite_parallel(
         kwargs = dict(options, checkpoint=checkpoint, out_dir=folder, pairs=share,
                       results_md=folder / "results.md", resume=resume, command=command)  # fmt: skip
         log = folder / "log.txt"
-        proc = ctx.Process(target=_shard_main, args=(device, kwargs, str(log)), daemon=False)
+        proc = ctx.Process(target=_shard_main, args=(device, kwargs, str(log), threads), daemon=False)
         proc.start()
         procs.append((k, proc, log))
 
