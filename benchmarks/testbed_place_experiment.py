@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -113,6 +114,9 @@ def run_variant(
     pixel_factor: int = 4,
     pure_noise_share: float = 0.0,
     absolute_position: bool = False,
+    device: str = "cpu",
+    num_layers: int = 2,
+    max_minutes: float | None = None,
 ) -> dict:
     """Train one model from scratch on ``size`` px clips; the held-out gains at the end."""
     from pasa.eval.caption_probe import SWAPS, swap_object_words
@@ -123,13 +127,14 @@ def run_variant(
     torch.set_num_threads(1)
     code = "sinusoidal" if absolute_position else "none"
     config = TestbedConfig(**dict(SETUP, height=size, width=size, scene_style=style,
-                                  pixel_factor=pixel_factor, position_code=code))  # fmt: skip
+                                  pixel_factor=pixel_factor, position_code=code,
+                                  num_layers=num_layers))  # fmt: skip
     scenes = [make_scene(DATA_SEED, i, frames=config.frames, style=style)
               for i in range(clips + held)]  # fmt: skip
     pixels = torch.cat([render_batch(scenes[i : i + 64], frames=config.frames,
                                      height=config.height, width=config.width)
                         for i in range(0, len(scenes), 64)])  # fmt: skip
-    latents = pixels_to_latents(pixels, config.pixel_factor)
+    latents = pixels_to_latents(pixels, config.pixel_factor).to(device)
     write = {
         "placed": placed_caption,
         "shape_only": lambda s: oracle_caption(s, "shape"),
@@ -137,7 +142,7 @@ def run_variant(
     }.get(variant, lambda s: caption(s, "scene_first"))
     captions = [write(s) for s in scenes]
     encoder = config.text_encoder()
-    text = encoder(captions)[0]
+    text = encoder(captions)[0].to(device)
     start = time.perf_counter()
 
     def progress(step: int, model, losses) -> None:
@@ -149,14 +154,16 @@ def run_variant(
                                       on_every=progress,
                                       pure_noise_share=pure_noise_share,
                                       prepare=fix_position_gain if absolute_position
-                                      else None)  # fmt: skip
+                                      else None,
+                                      max_seconds=None if max_minutes is None
+                                      else 60 * max_minutes)  # fmt: skip
     model.eval()
     held_x, held_captions = latents[clips:], captions[clips:]
     variants = {"shuffled": None, **{k: (lambda c, k=k: swap_object_words(c, k)) for k in SWAPS}}
     if variant == "placed":
         variants["place"] = swap_places
     others = {name: text[clips:].roll(1, 0) if swap is None
-              else encoder([swap(c) for c in held_captions])[0]
+              else encoder([swap(c) for c in held_captions])[0].to(device)
               for name, swap in variants.items()}  # fmt: skip
     gains = {}
     with torch.no_grad():
@@ -172,6 +179,7 @@ def run_variant(
         "variant": variant,
         "example_caption": captions[clips],
         "seconds": round(time.perf_counter() - start, 1),
+        "steps_done": len(losses),
         "final_train_loss_last_100": round(sum(losses[-100:]) / len(losses[-100:]), 5),
         "gains": gains,
     }
@@ -208,6 +216,11 @@ def main(argv: list[str] | None = None) -> int:
         help="add a fixed code of each token's place to the patch embedding (Wan has none)",
     )
     ap.add_argument("--jobs", type=int, default=2, help="variants trained at once (1 thread each)")
+    ap.add_argument("--device", default="cpu", help="where the models train (cpu, cuda, ...)")
+    ap.add_argument("--num-layers", type=int, default=2, help="transformer blocks (default 2)")
+    ap.add_argument(
+        "--max-minutes", type=float, default=None, help="stop training early after this long"
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.steps < 10 or args.held_out < 2 or args.size < 8 or args.size % 8:
@@ -218,18 +231,21 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--pure-noise-share must be in [0, 1]")
     work = (args.clips, args.held_out, args.steps, args.batch, args.seed, args.size,
             args.scene_style, args.pixel_factor, args.pure_noise_share,
-            args.absolute_position)  # fmt: skip
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+            args.absolute_position, args.device, args.num_layers, args.max_minutes)  # fmt: skip
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked workers
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
         results = list(
             pool.map(run_variant, args.variants, *[[w] * len(args.variants) for w in work])
         )
     setup = dict(SETUP, height=args.size, width=args.size, scene_style=args.scene_style,
                  pixel_factor=args.pixel_factor, pure_noise_share=args.pure_noise_share,
-                 absolute_position=args.absolute_position,
+                 absolute_position=args.absolute_position, num_layers=args.num_layers,
+                 max_minutes=args.max_minutes,
                  clips=args.clips,
                  held_out=args.held_out, steps=args.steps)  # fmt: skip
     setup.update(batch=args.batch, seed=args.seed, lr=1e-3, caption_dropout=0.1)
-    setup.update(data_seed=DATA_SEED, device="cpu", torch=torch.__version__, commit=git_commit())
+    device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
+    setup.update(data_seed=DATA_SEED, device=device, torch=torch.__version__, commit=git_commit())
     for r in results:
         print(r["variant"], json.dumps(r["gains"]))
     if args.out:
