@@ -215,3 +215,37 @@ def test_local_share_keeps_the_nearest_blocks_and_the_count():
     assert [step.local_blocks(d, n) for d in (0.125, 0.25, 0.5)] == [6, 12, 24]
     with pytest.raises(ValueError, match="local_share"):
         PASAConfig(local_share=1.5)
+
+
+def test_soft_window_prefers_the_window_and_yields_to_much_larger_mass():
+    from pasa.layout import nearest_blocks
+
+    layout = make_layout((8, 32, 32))
+    n = layout.num_blocks
+    mass = torch.rand(2, 3, n, n, generator=torch.Generator().manual_seed(0)) + 1.0
+    config = PASAConfig(density=0.25, temperature=0.0)  # the forced window of 12 blocks
+    local = config.local_blocks(0.25, n)
+    window = nearest_blocks(layout, local, config.window_time_scale)
+    forced = select_blocks(mass, layout=layout, config=config).to_dense_mask()
+    for bonus in (1.0, 2.0):  # mass within a factor 2 of each other: the window always wins
+        soft = select_blocks(mass, layout=layout, config=config.replace(window_bonus=bonus))
+        assert torch.equal(soft.to_dense_mask(), forced)
+    # Zero bonus: no window at all.
+    none = select_blocks(mass, layout=layout, config=config.replace(local_share=0.0))
+    zero = select_blocks(mass, layout=layout, config=config.replace(window_bonus=0.0))
+    assert torch.equal(zero.to_dense_mask(), none.to_dense_mask())
+    # With the whole count in the window, a far block with 10 times a window block's mass
+    # displaces one under bonus 2 (e^2 = 7.4) but not under bonus 3 (20); the count stays.
+    whole = config.replace(local_share=1.0)
+    window = nearest_blocks(layout, whole.local_blocks(0.25, n), whole.window_time_scale)
+    row, far = 5, int((~window[5]).nonzero()[-1])
+    boosted = mass.clone()
+    boosted[..., row, far] = 10 * boosted[..., row, window[row]].max()
+    two = select_blocks(boosted, layout=layout, config=whole.replace(window_bonus=2.0))
+    three = select_blocks(boosted, layout=layout, config=whole.replace(window_bonus=3.0))
+    assert two.to_dense_mask()[..., row, far].all()
+    assert not three.to_dense_mask()[..., row, far].any()
+    assert torch.equal(two.kv_counts, three.kv_counts)
+    assert two.to_dense_mask()[..., row, row].all()  # the diagonal is still forced
+    with pytest.raises(ValueError, match="window_bonus"):
+        PASAConfig(window_bonus=-1.0)

@@ -58,6 +58,12 @@ class PASAConfig:
             the default 2-frame tiles) like one spatial tile: on the testbed it flickered
             0.013-0.020 less than the isotropic window (1.0) on 23 of 24 clip-densities and
             gained 0.8 dB at densities 0.10 and 0.15 (docs/results.md).
+        window_bonus: None (the default) keeps the local window's blocks in every row, as the
+            diagonal is kept; a number ``b >= 0`` makes the window soft: its blocks compete with
+            the rest for the row's count with ``b`` added to their routing scores (``log mass +
+            tau * Gumbel``), so a block outside the window displaces one inside only where the
+            estimate gives it more than ``e^b`` times the mass. 0 is no window at all
+            (``local_share = 0``), and large ``b`` the forced window.
         min_blocks: floor on key blocks per query-block row (diagonal and text blocks count).
         max_blocks: ceiling on key blocks per row, or None for no ceiling.
         seed: seed of the counter-based routing noise.
@@ -89,6 +95,7 @@ class PASAConfig:
     local_share: float = 0.75
     steady_window: bool = True
     window_time_scale: float = 0.5
+    window_bonus: float | None = None
     min_blocks: int = 1
     max_blocks: int | None = None
     seed: int = 0
@@ -139,6 +146,12 @@ class PASAConfig:
             and self.window_time_scale > 0
         ):
             _fail("window_time_scale", self.window_time_scale, "a finite number > 0")
+        if self.window_bonus is not None and not (
+            isinstance(self.window_bonus, (int, float))
+            and math.isfinite(self.window_bonus)
+            and self.window_bonus >= 0
+        ):
+            _fail("window_bonus", self.window_bonus, "None or a finite number >= 0")
         if not isinstance(self.min_blocks, int) or self.min_blocks < 1:
             _fail("min_blocks", self.min_blocks, "an int >= 1")
         if self.max_blocks is not None and (
@@ -172,7 +185,8 @@ class PASAConfig:
         return replace(self, **changes)
 
     def local_blocks(self, density: float, num_blocks: int) -> int:
-        """Nearest blocks every video row keeps in a call at ``density`` (itself included):
+        """Nearest blocks every video row keeps (a soft window: prefers, :attr:`window_bonus`)
+        in a call at ``density`` (itself included):
         ``local_share`` of the top-k count ``round(d * num_blocks)``, where ``d`` is
         ``self.density`` with ``steady_window`` (never more than the call's own count) and
         ``density`` without; 0 when dense or ``local_share`` is 0."""

@@ -9,8 +9,9 @@ blocks are always kept, text query blocks attend densely. The row's count is the
   whole call found by bisection so that the mean count meets ``density``: rows whose attention is
   concentrated take few blocks and leave budget to diffuse rows.
 
-Both clip each row's count to ``[max(min_blocks, forced), max_blocks]``. Nothing here synchronises
-with the host.
+Both clip each row's count to ``[max(min_blocks, forced), max_blocks]``. The local window's
+blocks are forced too, or with ``window_bonus`` only preferred: the bonus is added to their
+scores. Nothing here synchronises with the host.
 """
 
 from __future__ import annotations
@@ -41,6 +42,16 @@ def forced_blocks(
     if local > 0:
         forced = forced | nearest_blocks(layout, local, time_scale).to(device)
     return forced, text
+
+
+def window_bonus(
+    layout: TokenLayout, local: int, bonus: float, time_scale: float, device: torch.device | str
+) -> torch.Tensor:
+    """``(Nq, Nk)`` fp32: ``bonus`` on each video row's ``local`` nearest blocks (time
+    distances scaled by ``time_scale``), 0 elsewhere: what a soft window adds to the routing
+    scores (``PASAConfig.window_bonus``)."""
+    window = nearest_blocks(layout, local, time_scale).to(device)
+    return window.float() * float(bonus)
 
 
 def _count_bounds(
@@ -109,12 +120,19 @@ def select_blocks(
         return BlockPlan(*compact_selection(full), layout)
 
     local = config.local_blocks(density, cols)
-    forced, dense_rows = forced_blocks(layout, mass.device, local, config.window_time_scale)
+    soft = config.window_bonus is not None  # the window is preferred in the scores, not forced
+    forced, dense_rows = forced_blocks(
+        layout, mass.device, 0 if soft else local, config.window_time_scale
+    )
     lo, hi = _count_bounds(forced, dense_rows, config)  # (Nq,), (Nq,)
     mass = mass.float()
     share = mass / mass.sum(-1, keepdim=True).clamp_min(1e-30)
     share = (share + _MASS_FLOOR) / (1.0 + _MASS_FLOOR * cols)
     scores = routing_scores(share, config=config, step=step, layer=layer, head_offset=head_offset)
+    if soft and local > 0:
+        scores = scores + window_bonus(
+            layout, local, config.window_bonus, config.window_time_scale, mass.device
+        )
     scores = scores.masked_fill(forced | dense_rows[:, None], float("inf"))
     order = scores.argsort(
         dim=-1, descending=True, stable=True

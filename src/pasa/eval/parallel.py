@@ -209,7 +209,9 @@ def run_suite_parallel(
         kwargs = dict(options, checkpoint=checkpoint, out_dir=folder, pairs=share,
                       results_md=folder / "results.md", resume=resume, command=command)  # fmt: skip
         log = folder / "log.txt"
-        proc = ctx.Process(target=_shard_main, args=(device, kwargs, str(log), threads), daemon=False)
+        proc = ctx.Process(
+            target=_shard_main, args=(device, kwargs, str(log), threads), daemon=False
+        )
         proc.start()
         procs.append((k, proc, log))
 

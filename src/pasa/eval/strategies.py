@@ -24,6 +24,10 @@ pasa                      the library's defaults: grouped estimate (g = 64), thr
                           budget from a profile recorded by one calibration run on a caption
                           outside the evaluation set, and the Taylor tail for the blocks left out
                           (approximate = "taylor")
+pasa_soft_window1         PASA with a soft window: the window's blocks get +1 on their routing
+                          scores instead of being forced (window_bonus = 1), so a block outside
+                          displaces one inside where the estimate gives it e (2.7) times the mass
+pasa_soft_window2         the same with +2 (7.4 times the mass)
 pasa_isotropic_window     PASA with time and space distances counted alike (window_time_scale = 1)
 pasa_step_window          PASA with the window sized by each step's density (steady_window = False)
 pasa_window_floor         PASA whose budget never gives a step fewer blocks than its local window
@@ -123,6 +127,7 @@ def _pasa(floor_share: float = 0.0, **changes: object) -> Callable[[float], PASA
         local_share=defaults.local_share,
         steady_window=defaults.steady_window,
         window_time_scale=defaults.window_time_scale,
+        window_bonus=defaults.window_bonus,
         budget="fixed",  # calibrated strategies get budget="profile" with the file, per run
     )
     base.update(changes)
@@ -203,6 +208,12 @@ STRATEGIES: dict[str, Strategy] = {
                  _pasa(local_share=1.0, temperature=0.0), calibrated=True),
         Strategy("pasa_step_window", "PASA with the window sized by each step's budget",
                  _pasa(steady_window=False), calibrated=True),
+        Strategy("pasa_soft_window1",
+                 "PASA with a soft window (window blocks +1 in the routing score, not forced)",
+                 _pasa(window_bonus=1.0), calibrated=True),
+        Strategy("pasa_soft_window2",
+                 "PASA with a soft window (window blocks +2 in the routing score, not forced)",
+                 _pasa(window_bonus=2.0), calibrated=True),
         Strategy("pasa_isotropic_window", "PASA with time and space counted alike in the window",
                  _pasa(window_time_scale=1.0), calibrated=True),
         Strategy("pasa_g32", "PASA with 32-token groups", _pasa(group_size=32), calibrated=True),

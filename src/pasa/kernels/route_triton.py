@@ -34,7 +34,7 @@ from pasa.config import PASAConfig
 from pasa.kernels._route_kernels import build_plan_kernel, rank_row_kernel, topk_plan_kernel
 from pasa.layout import TokenLayout, nearest_blocks
 from pasa.plan import BlockPlan
-from pasa.route import _count_bounds, forced_blocks
+from pasa.route import _count_bounds, forced_blocks, window_bonus
 
 # Widest row the top-k kernel keeps in registers; longer rows are streamed in pieces this wide.
 _TOPK_CHUNK = 2048
@@ -72,6 +72,9 @@ def _bounds(
     )
 
 
+_soft_window = lru_cache(maxsize=64)(window_bonus)  # once per layout, size, bonus and device
+
+
 def route_from_scores(
     share: torch.Tensor | None,
     scores: torch.Tensor,
@@ -93,9 +96,14 @@ def route_from_scores(
     batch, heads, n, _ = scores.shape
     rows = batch * heads * n
     local = config.local_blocks(density, n)
+    soft = config.window_bonus is not None
+    if soft and local > 0:  # a soft window: preferred in the keys, not forced (route.py)
+        scores = scores + _soft_window(
+            layout, local, float(config.window_bonus), config.window_time_scale, str(scores.device)
+        )
     lo, hi, eligible, lo_total, eligible_total, window = _bounds(
         layout,
-        local,
+        0 if soft else local,
         config.window_time_scale,
         config.min_blocks,
         config.max_blocks,
