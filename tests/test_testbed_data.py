@@ -171,11 +171,16 @@ def test_solo_clips_show_one_big_object():
     assert all(caption(s).startswith("one shape") for s in scenes)
 
 
-def test_upright_and_fixed_solo_clips_keep_the_draws_and_pin_what_they_say():
+def test_upright_still_and_fixed_solo_clips_keep_the_draws_and_pin_what_they_say():
+    starts = set()
     for i in range(20):
-        solo, upright, fixed = (make_scene(5, i, style=s) for s in ("solo", "solo-upright",
-                                                                      "solo-fixed"))  # fmt: skip
-        (o,), (u,), (f,) = solo.objects, upright.objects, fixed.objects
+        solo, upright, still, fixed = (make_scene(5, i, style=s) for s in (
+            "solo", "solo-upright", "solo-still", "solo-fixed"))  # fmt: skip
+        (o,), (u,), (s,), (f,) = solo.objects, upright.objects, still.objects, fixed.objects
+        assert (s.shape, s.texture, s.radius, s.start) == (o.shape, o.texture, o.radius, o.start)
+        assert (s.angle, s.spin, s.motion, still.pan, still.zoom) == (0.0, 0.0, "still", "none",
+                                                                      "none")  # fmt: skip
+        starts.add(s.start)
         assert (u.shape, u.texture, u.radius, u.start, u.motion) == (
             o.shape, o.texture, o.radius, o.start, o.motion
         )  # fmt: skip
@@ -185,6 +190,7 @@ def test_upright_and_fixed_solo_clips_keep_the_draws_and_pin_what_they_say():
         assert (fixed.pan, fixed.zoom, fixed.background) == ("none", "none", solo.background)
         assert caption(fixed).endswith(f"{o.shape} stays still.")
         assert "the camera stays still" in caption(fixed)
+    assert len(starts) == 20  # a still clip's object is wherever it was drawn
 
 
 def test_a_scene_style_that_does_not_exist_is_refused():

@@ -67,6 +67,7 @@ class SceneStyle:
     background_contrast: float
     upright: bool = False  # every object unrotated and not spinning
     fixed: bool = False  # upright, still, at the frame's centre, under a still camera
+    still: bool = False  # upright and still under a still camera, wherever it was drawn
 
 
 # "original": the data of runs 1-3 (3-8 objects, often small, on full-contrast backgrounds).
@@ -87,9 +88,12 @@ SCENE_STYLES: dict[str, SceneStyle] = {
     "solo": SceneStyle(objects=(1, 1), radius=(0.2, 0.32), small=0.23, big=0.28,
                        background_contrast=0.35),
     # diagnostics of the shape words (docs/testbed.md, "What a shape word could say"): solo with
-    # the outline's orientation known, and with orientation, place and motion all known
+    # the outline's orientation known; with orientation and motion known (nothing moves) but
+    # the place not; and with orientation, place and motion all known
     "solo-upright": SceneStyle(objects=(1, 1), radius=(0.2, 0.32), small=0.23, big=0.28,
                                background_contrast=0.35, upright=True),
+    "solo-still": SceneStyle(objects=(1, 1), radius=(0.2, 0.32), small=0.23, big=0.28,
+                             background_contrast=0.35, upright=True, still=True),
     "solo-fixed": SceneStyle(objects=(1, 1), radius=(0.2, 0.32), small=0.23, big=0.28,
                              background_contrast=0.35, upright=True, fixed=True),
 }  # fmt: skip
@@ -283,11 +287,13 @@ def make_scene(data_seed: int, index: int, *, frames: int = 16, style: str = "bo
         )
     pan = draws.choice(PANS)
     zoom = draws.choice(ZOOMS)
-    if look.upright or look.fixed:  # after every draw, so the other draws stay as in the rest
+    if look.upright or look.fixed or look.still:  # after every draw: the others stay as drawn
         objects = [replace(o, angle=0.0, spin=0.0) for o in objects]
-    if look.fixed:
-        objects = [replace(o, start=(0.5, 0.5), motion="still") for o in objects]
+    if look.fixed or look.still:
+        objects = [replace(o, motion="still") for o in objects]
         pan, zoom = "none", "none"
+    if look.fixed:
+        objects = [replace(o, start=(0.5, 0.5)) for o in objects]
     return Scene(
         index=index,
         background=background,
