@@ -185,8 +185,8 @@ class PASAConfig:
         return replace(self, **changes)
 
     def local_blocks(self, density: float, num_blocks: int) -> int:
-        """Nearest blocks every video row keeps (a soft window: prefers, :attr:`window_bonus`)
-        in a call at ``density`` (itself included):
+        """Nearest blocks every video row keeps (prefers, with a soft window:
+        :attr:`window_bonus`) in a call at ``density`` (itself included):
         ``local_share`` of the top-k count ``round(d * num_blocks)``, where ``d`` is
         ``self.density`` with ``steady_window`` (never more than the call's own count) and
         ``density`` without; 0 when dense or ``local_share`` is 0."""
