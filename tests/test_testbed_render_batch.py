@@ -53,9 +53,9 @@ def _covering_indices(style: str) -> tuple[int, ...]:
         | {("zoom", z) for z in ZOOMS}
         | {("turns", True), ("turns", False), ("spins", True), ("spins", False)}
     )
-    if look.upright or look.fixed or look.still:  # what the diagnostic styles pin cannot vary
+    if look.pins_orientation:  # what the diagnostic styles pin cannot vary
         wanted -= {("spins", True)}
-    if look.fixed or look.still:
+    if look.pins_motion:
         wanted -= {("motion", "moves"), ("motion", "bounces")}
         wanted -= {("pan", p) for p in PANS if p != "none"} | {
             ("zoom", z) for z in ZOOMS if z != "none"

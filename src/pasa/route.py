@@ -16,6 +16,8 @@ scores. Nothing here synchronises with the host.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 from pasa.config import PASAConfig
@@ -44,12 +46,14 @@ def forced_blocks(
     return forced, text
 
 
+@lru_cache(maxsize=64)
 def window_bonus(
     layout: TokenLayout, local: int, bonus: float, time_scale: float, device: torch.device | str
 ) -> torch.Tensor:
     """``(Nq, Nk)`` fp32: ``bonus`` on each video row's ``local`` nearest blocks (time
     distances scaled by ``time_scale``), 0 elsewhere: what a soft window adds to the routing
-    scores (``PASAConfig.window_bonus``)."""
+    scores (``PASAConfig.window_bonus``). Cached per layout, size, bonus and device (read,
+    never written)."""
     window = nearest_blocks(layout, local, time_scale).to(device)
     return window.float() * float(bonus)
 
@@ -131,7 +135,7 @@ def select_blocks(
     scores = routing_scores(share, config=config, step=step, layer=layer, head_offset=head_offset)
     if soft and local > 0:
         scores = scores + window_bonus(
-            layout, local, config.window_bonus, config.window_time_scale, mass.device
+            layout, local, float(config.window_bonus), config.window_time_scale, str(mass.device)
         )
     scores = scores.masked_fill(forced | dense_rows[:, None], float("inf"))
     order = scores.argsort(

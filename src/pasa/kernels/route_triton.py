@@ -72,9 +72,6 @@ def _bounds(
     )
 
 
-_soft_window = lru_cache(maxsize=64)(window_bonus)  # once per layout, size, bonus and device
-
-
 def route_from_scores(
     share: torch.Tensor | None,
     scores: torch.Tensor,
@@ -98,7 +95,7 @@ def route_from_scores(
     local = config.local_blocks(density, n)
     soft = config.window_bonus is not None
     if soft and local > 0:  # a soft window: preferred in the keys, not forced (route.py)
-        scores = scores + _soft_window(
+        scores = scores + window_bonus(
             layout, local, float(config.window_bonus), config.window_time_scale, str(scores.device)
         )
     lo, hi, eligible, lo_total, eligible_total, window = _bounds(

@@ -69,6 +69,16 @@ class SceneStyle:
     fixed: bool = False  # upright, still, at the frame's centre, under a still camera
     still: bool = False  # upright and still under a still camera, wherever it was drawn
 
+    @property
+    def pins_orientation(self) -> bool:
+        """Every object unrotated and not spinning (``upright``, ``still`` or ``fixed``)."""
+        return self.upright or self.still or self.fixed
+
+    @property
+    def pins_motion(self) -> bool:
+        """Nothing moves: every object still, the camera too (``still`` or ``fixed``)."""
+        return self.still or self.fixed
+
 
 # "original": the data of runs 1-3 (3-8 objects, often small, on full-contrast backgrounds).
 # "bold": the preset, and run 4's (the shipped run 5 mixes it with "solo"). Fewer and bigger
@@ -287,9 +297,9 @@ def make_scene(data_seed: int, index: int, *, frames: int = 16, style: str = "bo
         )
     pan = draws.choice(PANS)
     zoom = draws.choice(ZOOMS)
-    if look.upright or look.fixed or look.still:  # after every draw: the others stay as drawn
+    if look.pins_orientation:  # after every draw: the others stay as drawn
         objects = [replace(o, angle=0.0, spin=0.0) for o in objects]
-    if look.fixed or look.still:
+    if look.pins_motion:
         objects = [replace(o, motion="still") for o in objects]
         pan, zoom = "none", "none"
     if look.fixed:

@@ -445,7 +445,8 @@ class Trainer:
         config: TestbedConfig | None = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The compact state's weights and EMA (empty when it has none), by parameter name;
-        shaped as this run's model, or as ``config``'s (a warm start from another codec)."""
+        shaped as this run's model, or as ``config``'s (a warm start from another codec or
+        position code)."""
         codec = manifest["codecs"]["weights"]
         model = self.model
         differ = ("pixel_factor", "position_code")  # the fields that change parameters
