@@ -37,6 +37,7 @@ def train_small_model(
     pure_noise_share: float = 0.0,
     prepare: Callable[[torch.nn.Module], None] | None = None,
     max_seconds: float | None = None,
+    stages: int = 1,
 ) -> tuple[torch.nn.Module, list[float]]:
     """Train ``build_model(config)`` (seeded) on ``latents`` with captions ``text`` (row by row):
     AdamW at 1e-3, batches drawn with replacement, 10% caption dropout, the trainer's time draw
@@ -45,7 +46,9 @@ def train_small_model(
     ``on_every(step, model, losses)`` runs every ``every`` steps (the model in train mode);
     ``prepare(model)`` runs once before training (e.g. to add a hook). The model trains on
     ``latents``' device; the batch, time and noise draws are made on the CPU as on any device.
-    With ``max_seconds`` it stops after the first step past that time (``len(losses)`` steps)."""
+    With ``max_seconds`` it stops after the first step past that time (``len(losses)`` steps).
+    With ``stages`` > 1 the rows are that many equal consecutive parts, a curriculum: the steps
+    fall into as many equal stages, and stage ``k`` draws its batches from part ``k`` alone."""
     import time
 
     from pasa.testbed.flow import sample_time
@@ -59,8 +62,12 @@ def train_small_model(
     gen = torch.Generator().manual_seed(seed + 1)
     losses: list[float] = []
     start = time.perf_counter()
+    if stages < 1 or latents.shape[0] % stages:
+        raise ValueError(f"{latents.shape[0]} rows do not split into {stages} equal stages")
+    part = latents.shape[0] // stages
     for step in range(1, steps + 1):
-        idx = torch.randint(0, latents.shape[0], (batch,), generator=gen)
+        first = part * ((step - 1) * stages // steps)
+        idx = first + torch.randint(0, part, (batch,), generator=gen)
         c = text[idx.to(text.device)].clone()
         c[(torch.rand(batch, generator=gen) < 0.1).to(c.device)] = 0.0  # caption dropout
         t = sample_time(batch, generator=gen, pure_noise_share=pure_noise_share)

@@ -37,7 +37,7 @@ from _diffusers_common import write_json
 from _small_text_models import flow_loss, train_small_model
 
 from pasa.provenance import git_commit
-from pasa.testbed.scene import SCENE_STYLE_NAMES
+from pasa.testbed.scene import SCENE_STYLE_NAMES, SCENE_STYLES
 
 VARIANTS = ("scene_first", "placed", "shape_only", "colour_only")
 SETUP = dict(
@@ -110,7 +110,7 @@ def run_variant(
     batch: int,
     seed: int,
     size: int,
-    style: str,
+    styles: tuple[str, ...],
     pixel_factor: int = 4,
     pure_noise_share: float = 0.0,
     absolute_position: bool = False,
@@ -118,71 +118,93 @@ def run_variant(
     num_layers: int = 2,
     max_minutes: float | None = None,
 ) -> dict:
-    """Train one model from scratch on ``size`` px clips; the held-out gains at the end."""
-    from pasa.eval.caption_probe import SWAPS, swap_object_words
+    """Train one model from scratch on ``size`` px clips of ``styles`` (more than one: a
+    curriculum, ``clips`` clips of each style trained in that order, one equal stage of the steps
+    each); the held-out gains at the end, on ``held`` clips of the last style (and of each style,
+    under ``gains_by_style``, for a curriculum)."""
     from pasa.testbed.model import TestbedConfig, pixels_to_latents
     from pasa.testbed.rendering import render_batch
     from pasa.testbed.scene import caption, make_scene
 
     torch.set_num_threads(1)
     code = "sinusoidal" if absolute_position else "none"
-    config = TestbedConfig(**dict(SETUP, height=size, width=size, scene_style=style,
+    config = TestbedConfig(**dict(SETUP, height=size, width=size, scene_style=styles[-1],
                                   pixel_factor=pixel_factor, position_code=code,
                                   num_layers=num_layers))  # fmt: skip
-    scenes = [make_scene(DATA_SEED, i, frames=config.frames, style=style)
-              for i in range(clips + held)]  # fmt: skip
-    pixels = torch.cat([render_batch(scenes[i : i + 64], frames=config.frames,
-                                     height=config.height, width=config.width)
-                        for i in range(0, len(scenes), 64)])  # fmt: skip
-    latents = pixels_to_latents(pixels, config.pixel_factor).to(device)
+    # per style: clips 0 .. clips-1 train, the next held are held out (the same draws in every
+    # style, so the same objects, placed as each style says)
+    scenes = {style: [make_scene(DATA_SEED, i, frames=config.frames, style=style)
+                      for i in range(clips + held)] for style in styles}  # fmt: skip
+    latents = {style: pixels_to_latents(torch.cat([
+        render_batch(chosen[i : i + 64], frames=config.frames, height=config.height,
+                     width=config.width) for i in range(0, len(chosen), 64)]),
+        config.pixel_factor).to(device) for style, chosen in scenes.items()}  # fmt: skip
     write = {
         "placed": placed_caption,
         "shape_only": lambda s: oracle_caption(s, "shape"),
         "colour_only": lambda s: oracle_caption(s, "colour"),
     }.get(variant, lambda s: caption(s, "scene_first"))
-    captions = [write(s) for s in scenes]
+    captions = {style: [write(s) for s in chosen] for style, chosen in scenes.items()}
     encoder = config.text_encoder()
-    text = encoder(captions)[0].to(device)
+    text = {style: encoder(c)[0].to(device) for style, c in captions.items()}
     start = time.perf_counter()
 
     def progress(step: int, model, losses) -> None:
         print(f"{variant} step {step} loss {sum(losses[-100:]) / len(losses[-100:]):.4f} "
               f"{time.perf_counter() - start:.0f} s", flush=True)  # fmt: skip
 
-    model, losses = train_small_model(config, latents[:clips], text[:clips], steps=steps,
+    model, losses = train_small_model(config, torch.cat([x[:clips] for x in latents.values()]),
+                                      torch.cat([c[:clips] for c in text.values()]), steps=steps,
                                       batch=batch, seed=seed, every=max(steps // 10, 1),
                                       on_every=progress,
                                       pure_noise_share=pure_noise_share,
                                       prepare=fix_position_gain if absolute_position
                                       else None,
                                       max_seconds=None if max_minutes is None
-                                      else 60 * max_minutes)  # fmt: skip
+                                      else 60 * max_minutes,
+                                      stages=len(styles))  # fmt: skip
     model.eval()
-    held_x, held_captions = latents[clips:], captions[clips:]
+    gains = {style: held_out_gains(model, encoder, latents[style][clips:],
+                                   text[style][clips:], captions[style][clips:],
+                                   placed=variant == "placed")
+             for style in styles}  # fmt: skip
+    result = {
+        "variant": variant,
+        "example_caption": captions[styles[-1]][clips],
+        "seconds": round(time.perf_counter() - start, 1),
+        "steps_done": len(losses),
+        "final_train_loss_last_100": round(sum(losses[-100:]) / len(losses[-100:]), 5),
+        "gains": gains[styles[-1]],
+    }
+    if len(styles) > 1:
+        result.update(curriculum=list(styles),
+                      stage_reached=(len(losses) - 1) * len(styles) // steps + 1,
+                      gains_by_style=gains)  # fmt: skip
+    return result
+
+
+def held_out_gains(model, encoder, held_x, held_text, held_captions, *, placed: bool) -> dict:
+    """Per time, the loss with the true captions and each swap's relative gain over it."""
+    from pasa.eval.caption_probe import SWAPS, swap_object_words
+
+    held = held_x.shape[0]
     variants = {"shuffled": None, **{k: (lambda c, k=k: swap_object_words(c, k)) for k in SWAPS}}
-    if variant == "placed":
+    if placed:
         variants["place"] = swap_places
-    others = {name: text[clips:].roll(1, 0) if swap is None
-              else encoder([swap(c) for c in held_captions])[0].to(device)
+    others = {name: held_text.roll(1, 0) if swap is None
+              else encoder([swap(c) for c in held_captions])[0].to(held_x.device)
               for name, swap in variants.items()}  # fmt: skip
     gains = {}
     with torch.no_grad():
         for tv in (1.0, 0.9, 0.6, 0.3):
             t = torch.full((held,), tv)
-            true = flow_loss(model, held_x, text[clips:], t, 0).item()
+            true = flow_loss(model, held_x, held_text, t, 0).item()
             row = {"true": round(true, 5)}
             for name, other in others.items():
                 swapped = flow_loss(model, held_x, other, t, 0).item()
                 row[name] = round((swapped - true) / swapped, 5)
             gains[f"t={tv}"] = row
-    return {
-        "variant": variant,
-        "example_caption": captions[clips],
-        "seconds": round(time.perf_counter() - start, 1),
-        "steps_done": len(losses),
-        "final_train_loss_last_100": round(sum(losses[-100:]) / len(losses[-100:]), 5),
-        "gains": gains,
-    }
+    return gains
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,6 +221,15 @@ def main(argv: list[str] | None = None) -> int:
         default="bold",
         choices=SCENE_STYLE_NAMES,
         help="the clips' style (pasa/testbed/scene.py), the same for every variant",
+    )
+    ap.add_argument(
+        "--curriculum",
+        nargs="+",
+        default=None,
+        choices=list(SCENE_STYLES),
+        metavar="STYLE",
+        help="train on these styles in turn (--clips of each, the steps split equally) instead "
+        "of --scene-style; the gains are measured on held-out clips of each",
     )
     ap.add_argument(
         "--pixel-factor",
@@ -229,18 +260,21 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--size must be a multiple of 2 * --pixel-factor")
     if not 0.0 <= args.pure_noise_share <= 1.0:
         ap.error("--pure-noise-share must be in [0, 1]")
+    if args.curriculum is not None and len(args.curriculum) < 2:
+        ap.error("--curriculum needs at least two styles (one style: --scene-style)")
+    styles = tuple(args.curriculum or (args.scene_style,))
     work = (args.clips, args.held_out, args.steps, args.batch, args.seed, args.size,
-            args.scene_style, args.pixel_factor, args.pure_noise_share,
+            styles, args.pixel_factor, args.pure_noise_share,
             args.absolute_position, args.device, args.num_layers, args.max_minutes)  # fmt: skip
     context = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked workers
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
         results = list(
             pool.map(run_variant, args.variants, *[[w] * len(args.variants) for w in work])
         )
-    setup = dict(SETUP, height=args.size, width=args.size, scene_style=args.scene_style,
+    setup = dict(SETUP, height=args.size, width=args.size, scene_style=styles[-1],
                  pixel_factor=args.pixel_factor, pure_noise_share=args.pure_noise_share,
                  absolute_position=args.absolute_position, num_layers=args.num_layers,
-                 max_minutes=args.max_minutes,
+                 max_minutes=args.max_minutes, curriculum=args.curriculum,
                  clips=args.clips,
                  held_out=args.held_out, steps=args.steps)  # fmt: skip
     setup.update(batch=args.batch, seed=args.seed, lr=1e-3, caption_dropout=0.1)

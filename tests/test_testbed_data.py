@@ -193,6 +193,25 @@ def test_upright_still_and_fixed_solo_clips_keep_the_draws_and_pin_what_they_say
     assert len(starts) == 20  # a still clip's object is wherever it was drawn
 
 
+def test_near_and_mid_solo_clips_pull_the_drawn_place_towards_the_centre():
+    for i in range(20):
+        still, near, mid = (make_scene(5, i, style=s) for s in ("solo-still", "solo-near",
+                                                                 "solo-mid"))  # fmt: skip
+        (s,), (n,), (m,) = still.objects, near.objects, mid.objects
+        assert (n.shape, n.radius, n.motion, near.pan) == (s.shape, s.radius, "still", "none")
+        for v, vn, vm in zip(s.start, n.start, m.start, strict=True):
+            assert vn - 0.5 == pytest.approx(0.125 * (v - 0.5))
+            assert vm - 0.5 == pytest.approx(0.375 * (v - 0.5))
+            assert abs(vn - 0.5) <= 0.625 * 0.125 and abs(vm - 0.5) <= 0.625 * 0.375
+
+
+def test_a_spread_is_only_for_still_styles_and_within_0_and_1():
+    with pytest.raises(ValueError, match="spread must be in"):
+        replace(SCENE_STYLES["solo-still"], spread=1.5)
+    with pytest.raises(ValueError, match="still styles"):
+        replace(SCENE_STYLES["solo"], spread=0.5)
+
+
 def test_a_scene_style_that_does_not_exist_is_refused():
     with pytest.raises(ValueError, match="scene style must be one of"):
         make_scene(0, 0, style="busy")

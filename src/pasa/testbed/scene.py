@@ -66,18 +66,28 @@ class SceneStyle:
     big: float
     background_contrast: float
     upright: bool = False  # every object unrotated and not spinning
-    fixed: bool = False  # upright, still, at the frame's centre, under a still camera
-    still: bool = False  # upright and still under a still camera, wherever it was drawn
+    still: bool = False  # upright and still under a still camera
+    # How far from the frame's centre an object starts, as a share of its drawn offset from it:
+    # 1 where it was drawn, 0 at the centre. Drawn offsets reach 0.625 on an axis (a moving
+    # draw starts half its path before its middle), half of them 0.29, so 0.125 keeps every
+    # object within 0.08 of the centre and most within 0.04.
+    spread: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.spread <= 1.0:
+            raise ValueError(f"spread must be in [0, 1], got {self.spread}")
+        if self.spread != 1.0 and not self.still:
+            raise ValueError("a spread below 1 is for still styles (a moving object would leave)")
 
     @property
     def pins_orientation(self) -> bool:
-        """Every object unrotated and not spinning (``upright``, ``still`` or ``fixed``)."""
-        return self.upright or self.still or self.fixed
+        """Every object unrotated and not spinning (``upright`` or ``still``)."""
+        return self.upright or self.still
 
     @property
     def pins_motion(self) -> bool:
-        """Nothing moves: every object still, the camera too (``still`` or ``fixed``)."""
-        return self.still or self.fixed
+        """Nothing moves: every object still, the camera too (``still``)."""
+        return self.still
 
 
 # "original": the data of runs 1-3 (3-8 objects, often small, on full-contrast backgrounds).
@@ -99,13 +109,18 @@ SCENE_STYLES: dict[str, SceneStyle] = {
                        background_contrast=0.35),
     # diagnostics of the shape words (docs/testbed.md, "What a shape word could say"): solo with
     # the outline's orientation known; with orientation and motion known (nothing moves) but
-    # the place not; and with orientation, place and motion all known
+    # the place not; near the frame's centre (spread 0.125 and 0.375); and
+    # with orientation, place and motion all known
     "solo-upright": SceneStyle(objects=(1, 1), radius=(0.2, 0.32), small=0.23, big=0.28,
                                background_contrast=0.35, upright=True),
     "solo-still": SceneStyle(objects=(1, 1), radius=(0.2, 0.32), small=0.23, big=0.28,
-                             background_contrast=0.35, upright=True, still=True),
+                             background_contrast=0.35, still=True),
+    "solo-near": SceneStyle(objects=(1, 1), radius=(0.2, 0.32), small=0.23, big=0.28,
+                            background_contrast=0.35, still=True, spread=0.125),
+    "solo-mid": SceneStyle(objects=(1, 1), radius=(0.2, 0.32), small=0.23, big=0.28,
+                           background_contrast=0.35, still=True, spread=0.375),
     "solo-fixed": SceneStyle(objects=(1, 1), radius=(0.2, 0.32), small=0.23, big=0.28,
-                             background_contrast=0.35, upright=True, fixed=True),
+                             background_contrast=0.35, still=True, spread=0.0),
 }  # fmt: skip
 
 
@@ -302,8 +317,9 @@ def make_scene(data_seed: int, index: int, *, frames: int = 16, style: str = "bo
     if look.pins_motion:
         objects = [replace(o, motion="still") for o in objects]
         pan, zoom = "none", "none"
-    if look.fixed:
-        objects = [replace(o, start=(0.5, 0.5)) for o in objects]
+    if look.spread != 1.0:
+        objects = [replace(o, start=tuple(0.5 + look.spread * (v - 0.5) for v in o.start))
+                   for o in objects]  # fmt: skip
     return Scene(
         index=index,
         background=background,
