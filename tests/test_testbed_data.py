@@ -11,6 +11,7 @@ from pasa.testbed.scene import (
     COLORS,
     NUMBERS,
     SCENE_STYLES,
+    STEADY_SPEED,
     STYLE_MIXES,
     caption,
     clip_style,
@@ -205,11 +206,30 @@ def test_near_and_mid_solo_clips_pull_the_drawn_place_towards_the_centre():
             assert abs(vn - 0.5) <= 0.625 * 0.125 and abs(vm - 0.5) <= 0.625 * 0.375
 
 
-def test_a_spread_is_only_for_still_styles_and_within_0_and_1():
+def test_solo_from_centre_clips_start_at_the_centre_and_move_as_captioned_at_one_speed():
+    motions = set()
+    for i in range(30):
+        solo, steady = make_scene(5, i, style="solo"), make_scene(5, i, style="solo-from-centre")
+        (o,), (s,) = solo.objects, steady.objects
+        assert (s.shape, s.texture, s.radius, s.direction) == (o.shape, o.texture, o.radius,
+                                                               o.direction)  # fmt: skip
+        assert s.start == (0.5, 0.5) and s.angle == s.spin == 0.0
+        assert s.motion == ("still" if o.motion == "still" else "moves")
+        assert s.speed == STEADY_SPEED and (steady.pan, steady.zoom) == ("none", "none")
+        assert caption(steady).endswith(
+            f"{o.shape} stays still." if o.motion == "still" else f"{o.shape} moves {o.direction}."
+        )
+        motions.add(s.motion)
+    assert motions == {"still", "moves"}
+
+
+def test_a_spread_is_only_for_still_or_steady_styles_and_within_0_and_1():
     with pytest.raises(ValueError, match="spread must be in"):
         replace(SCENE_STYLES["solo-still"], spread=1.5)
-    with pytest.raises(ValueError, match="still styles"):
+    with pytest.raises(ValueError, match="still or steady styles"):
         replace(SCENE_STYLES["solo"], spread=0.5)
+    with pytest.raises(ValueError, match="still or steady, not both"):
+        replace(SCENE_STYLES["solo-still"], steady=True)
 
 
 def test_a_scene_style_that_does_not_exist_is_refused():

@@ -56,7 +56,10 @@ def _covering_indices(style: str) -> tuple[int, ...]:
     if look.pins_orientation:  # what the diagnostic styles pin cannot vary
         wanted -= {("spins", True)}
     if look.pins_motion:
-        wanted -= {("motion", "moves"), ("motion", "bounces")}
+        wanted -= {("motion", "moves")}
+    if look.pins_motion or look.steady:
+        wanted -= {("motion", "bounces")}
+    if look.pins_camera:
         wanted -= {("pan", p) for p in PANS if p != "none"} | {
             ("zoom", z) for z in ZOOMS if z != "none"
         }

@@ -67,6 +67,9 @@ class SceneStyle:
     background_contrast: float
     upright: bool = False  # every object unrotated and not spinning
     still: bool = False  # upright and still under a still camera
+    # upright under a still camera, each object still or moving in a straight line (a drawn
+    # bounce moves instead) at STEADY_SPEED: its path is what its caption says
+    steady: bool = False
     # How far from the frame's centre an object starts, as a share of its drawn offset from it:
     # 1 where it was drawn, 0 at the centre. Drawn offsets reach 0.625 on an axis (a moving
     # draw starts half its path before its middle), half of them 0.29, so 0.125 keeps every
@@ -76,13 +79,22 @@ class SceneStyle:
     def __post_init__(self) -> None:
         if not 0.0 <= self.spread <= 1.0:
             raise ValueError(f"spread must be in [0, 1], got {self.spread}")
-        if self.spread != 1.0 and not self.still:
-            raise ValueError("a spread below 1 is for still styles (a moving object would leave)")
+        if self.spread != 1.0 and not (self.still or self.steady):
+            raise ValueError(
+                "a spread below 1 is for still or steady styles (a drawn path would leave)"
+            )
+        if self.still and self.steady:
+            raise ValueError("a style is still or steady, not both")
 
     @property
     def pins_orientation(self) -> bool:
-        """Every object unrotated and not spinning (``upright`` or ``still``)."""
-        return self.upright or self.still
+        """Every object unrotated and not spinning (``upright``, ``still`` or ``steady``)."""
+        return self.upright or self.still or self.steady
+
+    @property
+    def pins_camera(self) -> bool:
+        """The camera stays still (``still`` or ``steady``)."""
+        return self.still or self.steady
 
     @property
     def pins_motion(self) -> bool:
@@ -121,7 +133,13 @@ SCENE_STYLES: dict[str, SceneStyle] = {
                            background_contrast=0.35, still=True, spread=0.375),
     "solo-fixed": SceneStyle(objects=(1, 1), radius=(0.2, 0.32), small=0.23, big=0.28,
                              background_contrast=0.35, still=True, spread=0.0),
+    # the object starts at the centre and moves (or stays) as its caption says at one speed, so
+    # the caption fixes where it is in every frame
+    "solo-from-centre": SceneStyle(objects=(1, 1), radius=(0.2, 0.32), small=0.23, big=0.28,
+                                   background_contrast=0.35, steady=True, spread=0.0),
 }  # fmt: skip
+# A steady style's one speed (world units a frame): 0.225 of the frame over 16 frames.
+STEADY_SPEED = 0.015
 
 
 # A mixture draws each clip in one of its styles, picked by the clip's own seed (so the same on
@@ -316,6 +334,10 @@ def make_scene(data_seed: int, index: int, *, frames: int = 16, style: str = "bo
         objects = [replace(o, angle=0.0, spin=0.0) for o in objects]
     if look.pins_motion:
         objects = [replace(o, motion="still") for o in objects]
+    if look.steady:
+        objects = [replace(o, motion="still" if o.motion == "still" else "moves",
+                           speed=STEADY_SPEED) for o in objects]  # fmt: skip
+    if look.pins_camera:
         pan, zoom = "none", "none"
     if look.spread != 1.0:
         objects = [replace(o, start=tuple(0.5 + look.spread * (v - 0.5) for v in o.start))
