@@ -146,7 +146,13 @@ STEADY_SPEED = 0.015
 # every machine and rank) with equal odds; its name joins the styles with "+". "bold+solo" keeps
 # the busy clips the attention statistics come from and adds clips whose one big object covers a
 # sixth of the frame (docs/testbed.md, "Pure noise").
-STYLE_MIXES: dict[str, tuple[str, ...]] = {"bold+solo": ("bold", "solo")}
+# "bold+solo-from-centre" keeps the busy clips and adds clips whose caption fixes its one object's
+# path, so a model with a position code can read the shape words (docs/testbed.md, "What a shape
+# word could say").
+STYLE_MIXES: dict[str, tuple[str, ...]] = {
+    "bold+solo": ("bold", "solo"),
+    "bold+solo-from-centre": ("bold", "solo-from-centre"),
+}
 _MIX_SALT = 0x5C3E  # mix_seed's salt for a mixture's pick, apart from the scene's own draws
 SCENE_STYLE_NAMES = (*SCENE_STYLES, *STYLE_MIXES)
 
