@@ -117,11 +117,13 @@ def run_variant(
     device: str = "cpu",
     num_layers: int = 2,
     max_minutes: float | None = None,
+    samples_out: Path | None = None,
 ) -> dict:
     """Train one model from scratch on ``size`` px clips of ``styles`` (more than one: a
     curriculum, ``clips`` clips of each style trained in that order, one equal stage of the steps
     each); the held-out gains at the end, on ``held`` clips of the last style (and of each style,
-    under ``gains_by_style``, for a curriculum)."""
+    under ``gains_by_style``, for a curriculum). With ``samples_out``, a PNG there of held-out
+    clips of the last style over dense samples of their captions (:func:`save_samples`)."""
     from pasa.testbed.model import TestbedConfig, pixels_to_latents
     from pasa.testbed.rendering import render_batch
     from pasa.testbed.scene import caption, make_scene
@@ -176,11 +178,45 @@ def run_variant(
         "final_train_loss_last_100": round(sum(losses[-100:]) / len(losses[-100:]), 5),
         "gains": gains[styles[-1]],
     }
+    if samples_out is not None:
+        name = f"{variant}-{styles[-1]}-{'code' if absolute_position else 'nocode'}.png"
+        result["samples"] = save_samples(
+            model,
+            config,
+            latents[styles[-1]][clips:],
+            captions[styles[-1]][clips:],
+            Path(samples_out) / name,
+        )
     if len(styles) > 1:
         result.update(curriculum=list(styles),
                       stage_reached=(len(losses) - 1) * len(styles) // steps + 1,
                       gains_by_style=gains)  # fmt: skip
     return result
+
+
+def save_samples(model, config, held_x, held_captions, path: Path, count: int = 6) -> dict:
+    """For the first ``count`` held-out clips: the clip's frames (upper row) over a dense sample
+    of its caption (seed 0, 20 steps, no guidance; lower row), 4x enlarged, one pair of rows per
+    clip, as a PNG at ``path``. Returns the file's name and the captions."""
+    from PIL import Image
+
+    from pasa.testbed.model import latents_to_pixels
+    from pasa.testbed.sample import sample
+
+    def strip(pixels: torch.Tensor) -> torch.Tensor:  # (3, F, H, W) in [-1, 1] -> (H, F*W, 3)
+        frames = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0)
+        return torch.cat(list(frames), dim=1)
+
+    rows = []
+    for k in range(min(count, held_x.shape[0])):
+        truth = latents_to_pixels(held_x[k : k + 1].float().cpu(), config.pixel_factor)[0]
+        drawn = sample(model, config, held_captions[k], seed=0).frames
+        rows += [strip(truth), strip(drawn), torch.full((2, truth.shape[1] * truth.shape[3], 3),
+                                                        255, dtype=torch.uint8)]  # fmt: skip
+    image = torch.cat(rows[:-1]).repeat_interleave(4, 0).repeat_interleave(4, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image.numpy()).save(path)
+    return {"file": path.name, "captions": list(held_captions[:count])}
 
 
 def held_out_gains(model, encoder, held_x, held_text, held_captions, *, placed: bool) -> dict:
@@ -253,6 +289,13 @@ def main(argv: list[str] | None = None) -> int:
         "--max-minutes", type=float, default=None, help="stop training early after this long"
     )
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--samples-out",
+        type=Path,
+        default=None,
+        help="also save, per variant, a PNG here of held-out clips over dense samples of their "
+        "captions",
+    )
     args = ap.parse_args(argv)
     if args.steps < 10 or args.held_out < 2 or args.size < 8 or args.size % 8:
         ap.error("--steps must be at least 10, --held-out at least 2, --size a multiple of 8")
@@ -265,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     styles = tuple(args.curriculum or (args.scene_style,))
     work = (args.clips, args.held_out, args.steps, args.batch, args.seed, args.size,
             styles, args.pixel_factor, args.pure_noise_share,
-            args.absolute_position, args.device, args.num_layers, args.max_minutes)  # fmt: skip
+            args.absolute_position, args.device, args.num_layers, args.max_minutes,
+            args.samples_out)  # fmt: skip
     context = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked workers
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
         results = list(
