@@ -200,12 +200,12 @@ def save_samples(model, config, held_x, held_captions, path: Path, count: int = 
     clip, as a PNG at ``path``. Returns the file's name and the captions."""
     from PIL import Image
 
+    from pasa.eval.metrics import to_uint8
     from pasa.testbed.model import latents_to_pixels
     from pasa.testbed.sample import sample
 
     def strip(pixels: torch.Tensor) -> torch.Tensor:  # (3, F, H, W) in [-1, 1] -> (H, F*W, 3)
-        frames = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0)
-        return torch.cat(list(frames), dim=1)
+        return torch.cat(list(to_uint8(pixels)), dim=1)
 
     rows = []
     for k in range(min(count, held_x.shape[0])):

@@ -58,6 +58,21 @@ def window_bonus(
     return window.float() * float(bonus)
 
 
+def split_window(
+    layout: TokenLayout, config: PASAConfig, local: int, device: torch.device | str
+) -> tuple[int, torch.Tensor | None]:
+    """How a row's ``local`` nearest blocks enter the routing, as ``(forced, bonus)``: the
+    default window forces all ``local`` and adds nothing; a soft one (``window_bonus``) forces
+    none and adds ``bonus``, :func:`window_bonus`'s ``(Nq, Nk)`` scores (None without a
+    window), to the routing scores."""
+    if config.window_bonus is None:
+        return local, None
+    if local == 0:
+        return 0, None
+    bonus = float(config.window_bonus)
+    return 0, window_bonus(layout, local, bonus, config.window_time_scale, str(device))
+
+
 def _count_bounds(
     forced: torch.Tensor, dense_rows: torch.Tensor, config: PASAConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,20 +138,17 @@ def select_blocks(
         full = torch.ones(batch, heads, rows, cols, dtype=torch.bool, device=mass.device)
         return BlockPlan(*compact_selection(full), layout)
 
-    local = config.local_blocks(density, cols)
-    soft = config.window_bonus is not None  # the window is preferred in the scores, not forced
-    forced, dense_rows = forced_blocks(
-        layout, mass.device, 0 if soft else local, config.window_time_scale
+    forced_local, bonus = split_window(
+        layout, config, config.local_blocks(density, cols), mass.device
     )
+    forced, dense_rows = forced_blocks(layout, mass.device, forced_local, config.window_time_scale)
     lo, hi = _count_bounds(forced, dense_rows, config)  # (Nq,), (Nq,)
     mass = mass.float()
     share = mass / mass.sum(-1, keepdim=True).clamp_min(1e-30)
     share = (share + _MASS_FLOOR) / (1.0 + _MASS_FLOOR * cols)
     scores = routing_scores(share, config=config, step=step, layer=layer, head_offset=head_offset)
-    if soft and local > 0:
-        scores = scores + window_bonus(
-            layout, local, float(config.window_bonus), config.window_time_scale, str(mass.device)
-        )
+    if bonus is not None:  # a soft window: preferred in the scores, not forced
+        scores = scores + bonus
     scores = scores.masked_fill(forced | dense_rows[:, None], float("inf"))
     order = scores.argsort(
         dim=-1, descending=True, stable=True

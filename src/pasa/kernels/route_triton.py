@@ -34,7 +34,7 @@ from pasa.config import PASAConfig
 from pasa.kernels._route_kernels import build_plan_kernel, rank_row_kernel, topk_plan_kernel
 from pasa.layout import TokenLayout, nearest_blocks
 from pasa.plan import BlockPlan
-from pasa.route import _count_bounds, forced_blocks, window_bonus
+from pasa.route import _count_bounds, forced_blocks, split_window
 
 # Widest row the top-k kernel keeps in registers; longer rows are streamed in pieces this wide.
 _TOPK_CHUNK = 2048
@@ -92,15 +92,14 @@ def route_from_scores(
     """
     batch, heads, n, _ = scores.shape
     rows = batch * heads * n
-    local = config.local_blocks(density, n)
-    soft = config.window_bonus is not None
-    if soft and local > 0:  # a soft window: preferred in the keys, not forced (route.py)
-        scores = scores + window_bonus(
-            layout, local, float(config.window_bonus), config.window_time_scale, str(scores.device)
-        )
+    forced_local, bonus = split_window(
+        layout, config, config.local_blocks(density, n), scores.device
+    )
+    if bonus is not None:  # a soft window: preferred in the keys, not forced (route.py)
+        scores = scores + bonus
     lo, hi, eligible, lo_total, eligible_total, window = _bounds(
         layout,
-        0 if soft else local,
+        forced_local,
         config.window_time_scale,
         config.min_blocks,
         config.max_blocks,
