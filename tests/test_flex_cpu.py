@@ -82,10 +82,11 @@ def test_compiled_op_carries_every_field_a_call_reads():
         density=0.3, block_size=64, group_size=32, tile=(2, 4, 8), temperature=0.5,
         selection="top_p", local_share=0.4, steady_window=False, min_blocks=2, max_blocks=9,
         seed=3, approximate=True, backend="reference", check_finite=False, window_time_scale=0.7,
-        window_bonus=1.5,
+        window_bonus=1.5, window_trust=0.6,
     )  # fmt: skip
     back = config_from_args(config_args(config))
     assert config_from_args(config_args(config.replace(window_bonus=None))).window_bonus is None
+    assert config_from_args(config_args(config.replace(window_trust=None))).window_trust is None
     budget_fields = {"budget", "dense_quantile", "min_step_density", "profile_path"}
     for f in fields(pasa.PASAConfig):
         if f.name not in budget_fields:

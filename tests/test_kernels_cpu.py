@@ -106,16 +106,18 @@ def test_block_mass_matches_torch(grid, text, group_size):
 
 @in_child
 @pytest.mark.parametrize(
-    "selection,min_blocks,max_blocks,local_share,window_bonus",
-    [("top_k", 1, None, 0.0, None), ("top_k", 3, 4, 0.0, None), ("top_p", 2, 6, 0.0, None),
-     ("top_k", 1, None, 0.5, None), ("top_p", 2, 6, 0.5, None), ("top_k", 1, None, 0.5, 1.0),
-     ("top_p", 2, 6, 0.5, 1.0)],
+    "selection,min_blocks,max_blocks,local_share,window_bonus,window_trust",
+    [("top_k", 1, None, 0.0, None, None), ("top_k", 3, 4, 0.0, None, None),
+     ("top_p", 2, 6, 0.0, None, None), ("top_k", 1, None, 0.5, None, None),
+     ("top_p", 2, 6, 0.5, None, None), ("top_k", 1, None, 0.5, 1.0, None),
+     ("top_p", 2, 6, 0.5, 1.0, None), ("top_k", 1, None, 0.5, 2.0, 0.0),
+     ("top_k", 1, None, 0.5, 2.0, 1.0), ("top_p", 2, 6, 0.5, None, 1.0)],
 )  # fmt: skip
 @pytest.mark.parametrize("grid,text", CASES)
 def test_plan_matches_route(grid, text, selection, min_blocks, max_blocks, local_share,
-                            window_bonus):  # fmt: skip
+                            window_bonus, window_trust):  # fmt: skip
     """Fused estimate + routing kernels give pasa/route.py's plan (temperature > 0: no ties),
-    with the local window forced or soft."""
+    with the local window forced, soft or trusted (every head, or none)."""
     from pasa.estimate import block_mass
     from pasa.kernels.permute import group_means
     from pasa.kernels.pipeline import plan_from_means
@@ -124,7 +126,7 @@ def test_plan_matches_route(grid, text, selection, min_blocks, max_blocks, local
 
     config = pasa.PASAConfig(density=0.35, selection=selection, min_blocks=min_blocks,
                              max_blocks=max_blocks, seed=4, local_share=local_share,
-                             window_bonus=window_bonus)  # fmt: skip
+                             window_bonus=window_bonus, window_trust=window_trust)  # fmt: skip
     layout = make_layout(grid, num_text_tokens=text)
     q, k = (layout.to_blocks(t) for t in _qk(grid, text, batch=2))
     qg, kg = group_means(q, k, config.group_size)

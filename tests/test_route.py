@@ -249,3 +249,40 @@ def test_soft_window_prefers_the_window_and_yields_to_much_larger_mass():
     assert two.to_dense_mask()[..., row, row].all()  # the diagonal is still forced
     with pytest.raises(ValueError, match="window_bonus"):
         PASAConfig(window_bonus=-1.0)
+
+
+def test_trusted_window_forces_where_the_estimate_agrees_and_yields_elsewhere():
+    from pasa.layout import nearest_blocks
+    from pasa.route import window_agreement
+
+    layout = make_layout((8, 32, 32))
+    n = layout.num_blocks
+    config = PASAConfig(density=0.25, temperature=0.0, local_share=1.0)
+    local = config.local_blocks(0.25, n)
+    window = nearest_blocks(layout, local, config.window_time_scale)
+    mass = torch.rand(1, 3, n, n, generator=torch.Generator().manual_seed(0)) + 1.0
+    mass[0, 0] += 30.0 * window  # head 0: the window holds the heaviest blocks
+    mass[0, 1] += 30.0 * ~window  # head 1: every block outside outweighs every block inside
+    share = mass / mass.sum(-1, keepdim=True)
+    agreement = window_agreement(share, window, local)[0]
+    assert agreement[0] == pytest.approx(1.0) and agreement[1] < 0.2 < 0.8 < agreement[2] < 1.0
+
+    def plan(**changes):
+        return select_blocks(mass, layout=layout, config=config.replace(**changes)).to_dense_mask()
+
+    forced, soft3 = plan(), plan(window_bonus=3.0)
+    # Trust 0: every head agrees, the forced window everywhere.
+    assert torch.equal(plan(window_trust=0.0), forced)
+    # Trust 0.5: heads 0 and 2 agree and keep the window whole; head 1 routes by its estimate
+    # under the soft bonus (e^3 = 20 < 31 / 2: the far blocks win).
+    half = plan(window_trust=0.5, window_bonus=3.0)
+    assert torch.equal(half[:, [0, 2]], forced[:, [0, 2]])
+    assert torch.equal(half[:, 1], soft3[:, 1])
+    assert not torch.equal(half[:, 1], forced[:, 1])
+    # Trust 1: no head agrees in full; the bonus defaults to 1 (window_bonus None).
+    assert torch.equal(plan(window_trust=1.0), plan(window_bonus=1.0))
+    # The count is the forced window's in every head.
+    assert half.sum(-1).eq(forced.sum(-1)).all()
+    for bad in (-0.1, 1.5, "high"):
+        with pytest.raises(ValueError, match="window_trust"):
+            PASAConfig(window_trust=bad)

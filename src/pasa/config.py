@@ -64,6 +64,12 @@ class PASAConfig:
             tau * Gumbel``), so a block outside the window displaces one inside only where the
             estimate gives it more than ``e^b`` times the mass. 0 is no window at all
             (``local_share = 0``), and large ``b`` the forced window.
+        window_trust: None (the default) treats every head alike; a number in [0, 1]
+            forces the window only in the heads whose estimate agrees with it, and makes it
+            soft (bonus ``window_bonus``, 1 when None) in the others: at each call, a head
+            agrees when, averaged over its video rows, the window's blocks hold at least that share
+            of the estimated mass that the row's same number of heaviest video blocks hold.
+            Every head keeps the forced window's count. 0 is the forced window everywhere.
         min_blocks: floor on key blocks per query-block row (diagonal and text blocks count).
         max_blocks: ceiling on key blocks per row, or None for no ceiling.
         seed: seed of the counter-based routing noise.
@@ -96,6 +102,7 @@ class PASAConfig:
     steady_window: bool = True
     window_time_scale: float = 0.5
     window_bonus: float | None = None
+    window_trust: float | None = None
     min_blocks: int = 1
     max_blocks: int | None = None
     seed: int = 0
@@ -152,6 +159,10 @@ class PASAConfig:
             and self.window_bonus >= 0
         ):
             _fail("window_bonus", self.window_bonus, "None or a finite number >= 0")
+        if self.window_trust is not None and not (
+            isinstance(self.window_trust, (int, float)) and 0.0 <= self.window_trust <= 1.0
+        ):
+            _fail("window_trust", self.window_trust, "None or a number in [0, 1]")
         if not isinstance(self.min_blocks, int) or self.min_blocks < 1:
             _fail("min_blocks", self.min_blocks, "an int >= 1")
         if self.max_blocks is not None and (
@@ -184,9 +195,14 @@ class PASAConfig:
         """A copy with ``changes`` applied and validated."""
         return replace(self, **changes)
 
+    @property
+    def soft_window_bonus(self) -> float:
+        """The bonus a soft window's blocks get: :attr:`window_bonus`, 1 when None."""
+        return 1.0 if self.window_bonus is None else float(self.window_bonus)
+
     def local_blocks(self, density: float, num_blocks: int) -> int:
         """Nearest blocks every video row keeps (prefers, with a soft window:
-        :attr:`window_bonus`) in a call at ``density`` (itself included):
+        :attr:`window_bonus`, :attr:`window_trust`) in a call at ``density`` (itself included):
         ``local_share`` of the top-k count ``round(d * num_blocks)``, where ``d`` is
         ``self.density`` with ``steady_window`` (never more than the call's own count) and
         ``density`` without; 0 when dense or ``local_share`` is 0."""

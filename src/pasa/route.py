@@ -10,13 +10,15 @@ blocks are always kept, text query blocks attend densely. The row's count is the
   concentrated take few blocks and leave budget to diffuse rows.
 
 Both clip each row's count to ``[max(min_blocks, forced), max_blocks]``. The local window's
-blocks are forced too, or with ``window_bonus`` only preferred: the bonus is added to their
-scores. Nothing here synchronises with the host.
+blocks are forced too, or with ``window_bonus`` only preferred (the bonus is added to their
+scores), or with ``window_trust`` forced in the heads whose estimate agrees with the window and
+preferred in the others. Nothing here synchronises with the host.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import NamedTuple
 
 import torch
 
@@ -47,6 +49,16 @@ def forced_blocks(
 
 
 @lru_cache(maxsize=64)
+def local_window(
+    layout: TokenLayout, local: int, time_scale: float, device: torch.device | str
+) -> torch.Tensor:
+    """``(Nq, Nk)`` bool on ``device``: each video row's ``local`` nearest blocks (time
+    distances scaled by ``time_scale``). Cached per layout, size and device (read, never
+    written)."""
+    return nearest_blocks(layout, local, time_scale).to(device)
+
+
+@lru_cache(maxsize=64)
 def window_bonus(
     layout: TokenLayout, local: int, bonus: float, time_scale: float, device: torch.device | str
 ) -> torch.Tensor:
@@ -54,23 +66,66 @@ def window_bonus(
     distances scaled by ``time_scale``), 0 elsewhere: what a soft window adds to the routing
     scores (``PASAConfig.window_bonus``). Cached per layout, size, bonus and device (read,
     never written)."""
-    window = nearest_blocks(layout, local, time_scale).to(device)
-    return window.float() * float(bonus)
+    return local_window(layout, local, time_scale, device).float() * float(bonus)
+
+
+class WindowRouting(NamedTuple):
+    """How the local window enters one call's routing (:func:`split_window`)."""
+
+    forced: int  # nearest blocks of every video row forced like the diagonal (+inf scores)
+    floor: int  # nearest blocks the rows' count bounds make room for (the forced window's)
+    bonus: torch.Tensor | None  # added to the routing scores: (Nq, Nk) or (B, H, Nq, Nk)
+
+
+def window_agreement(share: torch.Tensor, window: torch.Tensor, local: int) -> torch.Tensor:
+    """``(B, H)`` fp32: per head, the mean over video rows of the window's share of the row's
+    estimated mass over the share of its ``local`` heaviest video blocks (1: the window holds
+    the heaviest blocks; text keys are left out of both).
+
+    Args:
+        share: ``(B, H, Nq, Nk)`` row share of estimated block mass.
+        window: ``(Nq, Nk)`` bool, each video row's ``local`` nearest video blocks.
+    """
+    rows = window.any(-1)  # video rows
+    video = int(rows.sum())
+    if video == 0 or local <= 0:
+        return share.new_ones(share.shape[:2])
+    # Video blocks come first in a layout, text blocks after them.
+    share = share[..., :video, :video]
+    held = (share * window[:video, :video]).sum(-1)
+    best = share.topk(min(local, video), dim=-1).values.sum(-1)
+    return (held / best.clamp_min(1e-30)).mean(-1)
 
 
 def split_window(
-    layout: TokenLayout, config: PASAConfig, local: int, device: torch.device | str
-) -> tuple[int, torch.Tensor | None]:
-    """How a row's ``local`` nearest blocks enter the routing, as ``(forced, bonus)``: the
-    default window forces all ``local`` and adds nothing; a soft one (``window_bonus``) forces
-    none and adds ``bonus``, :func:`window_bonus`'s ``(Nq, Nk)`` scores (None without a
-    window), to the routing scores."""
-    if config.window_bonus is None:
-        return local, None
-    if local == 0:
-        return 0, None
-    bonus = float(config.window_bonus)
-    return 0, window_bonus(layout, local, bonus, config.window_time_scale, str(device))
+    layout: TokenLayout,
+    config: PASAConfig,
+    local: int,
+    device: torch.device | str,
+    share: torch.Tensor | None = None,
+) -> WindowRouting:
+    """How a row's ``local`` nearest blocks enter the routing.
+
+    - the default window forces all ``local`` and adds nothing;
+    - a soft one (``window_bonus``) forces none and adds ``bonus`` to them
+      (:func:`window_bonus`'s ``(Nq, Nk)`` scores);
+    - a trusted one (``window_trust``) forces them, as ``+inf`` scores, in the heads whose
+      estimate agrees with the window (:func:`window_agreement` of ``share``, the ``(B, H, Nq,
+      Nk)`` row share, at least ``window_trust``) and adds the soft bonus in the others; every
+      row keeps the forced window's count.
+    """
+    if local == 0 or (config.window_bonus is None and config.window_trust is None):
+        return WindowRouting(local, local, None)
+    bonus = config.soft_window_bonus
+    soft = window_bonus(layout, local, bonus, config.window_time_scale, str(device))
+    if config.window_trust is None:
+        return WindowRouting(0, 0, soft)
+    if share is None:
+        raise ValueError("window_trust needs the estimate's row share of block mass")
+    window = local_window(layout, local, config.window_time_scale, str(device))
+    agrees = window_agreement(share, window, local) >= config.window_trust  # (B, H)
+    per_head = torch.where(agrees, float("inf"), bonus)[:, :, None, None]
+    return WindowRouting(0, local, torch.where(window, per_head, 0.0))
 
 
 def _count_bounds(
@@ -138,17 +193,21 @@ def select_blocks(
         full = torch.ones(batch, heads, rows, cols, dtype=torch.bool, device=mass.device)
         return BlockPlan(*compact_selection(full), layout)
 
-    forced_local, bonus = split_window(
-        layout, config, config.local_blocks(density, cols), mass.device
-    )
-    forced, dense_rows = forced_blocks(layout, mass.device, forced_local, config.window_time_scale)
-    lo, hi = _count_bounds(forced, dense_rows, config)  # (Nq,), (Nq,)
     mass = mass.float()
     share = mass / mass.sum(-1, keepdim=True).clamp_min(1e-30)
     share = (share + _MASS_FLOOR) / (1.0 + _MASS_FLOOR * cols)
+    window = split_window(layout, config, config.local_blocks(density, cols), mass.device, share)
+    scale = config.window_time_scale
+    forced, dense_rows = forced_blocks(layout, mass.device, window.forced, scale)
+    room = (
+        forced
+        if window.floor == window.forced
+        else forced_blocks(layout, mass.device, window.floor, scale)[0]
+    )
+    lo, hi = _count_bounds(room, dense_rows, config)  # (Nq,), (Nq,)
     scores = routing_scores(share, config=config, step=step, layer=layer, head_offset=head_offset)
-    if bonus is not None:  # a soft window: preferred in the scores, not forced
-        scores = scores + bonus
+    if window.bonus is not None:  # a soft or trusted window: in the scores, not forced
+        scores = scores + window.bonus
     scores = scores.masked_fill(forced | dense_rows[:, None], float("inf"))
     order = scores.argsort(
         dim=-1, descending=True, stable=True

@@ -36,6 +36,7 @@ def sparse_attention_op(
     steady_window: bool,
     window_time_scale: float,
     window_bonus: float,
+    window_trust: float,
     step: int,
     layer: int,
     density: float,
@@ -45,10 +46,9 @@ def sparse_attention_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out ``(B, S, H, D)`` and lse ``(B, H, S)`` fp32 of :func:`pasa.sparse_attention`.
 
-    The config travels as its routing / kernel fields (``tile`` empty: "auto"; ``max_blocks``
-    -1: None; ``approximate`` "": False; ``window_bonus`` -1: None); ``density < 0`` means
-    ``config.density``;
-    ``kv_indices`` / ``kv_counts`` a precomputed plan.
+    The config travels as its routing / kernel fields (``tile`` empty: "auto"; ``max_blocks``,
+    ``window_bonus`` and ``window_trust`` -1: None; ``approximate`` "": False); ``density < 0``
+    means ``config.density``; ``kv_indices`` / ``kv_counts`` a precomputed plan.
     """
     from pasa.attention import layout_for, sparse_attention
     from pasa.plan import BlockPlan
@@ -56,7 +56,7 @@ def sparse_attention_op(
     config = config_from_args(
         [density_cfg, block_size, group_size, tile, temperature, selection, min_blocks,
          max_blocks, seed, approximate, backend, check_finite, local_share, steady_window,
-         window_time_scale, window_bonus]
+         window_time_scale, window_bonus, window_trust]
     )  # fmt: skip
     plan = None
     if kv_indices is not None and kv_counts is not None:
@@ -90,14 +90,14 @@ def _(q, k, v, grid, num_text_tokens, *args):
 OP_FIELDS = (
     "density", "block_size", "group_size", "tile", "temperature", "selection", "min_blocks",
     "max_blocks", "seed", "approximate", "backend", "check_finite", "local_share", "steady_window",
-    "window_time_scale", "window_bonus",
+    "window_time_scale", "window_bonus", "window_trust",
 )  # fmt: skip
 
 
 def config_args(config: PASAConfig) -> list:
     """The op's arguments for ``config``, in order (plain values Dynamo passes as constants):
-    ``tile`` "auto" as ``[]``, ``max_blocks`` and ``window_bonus`` None as -1, numbers as float
-    where the schema says float."""
+    ``tile`` "auto" as ``[]``, ``max_blocks``, ``window_bonus`` and ``window_trust`` None as -1,
+    numbers as float where the schema says float."""
     encode = {
         "density": float,
         "temperature": float,
@@ -106,6 +106,7 @@ def config_args(config: PASAConfig) -> list:
         "tile": lambda tile: [] if tile == "auto" else list(tile),
         "max_blocks": lambda blocks: -1 if blocks is None else blocks,
         "window_bonus": lambda bonus: -1.0 if bonus is None else float(bonus),
+        "window_trust": lambda trust: -1.0 if trust is None else float(trust),
         "approximate": lambda approximate: approximate or "",
     }
     return [encode.get(name, lambda value: value)(getattr(config, name)) for name in OP_FIELDS]
@@ -116,6 +117,7 @@ def config_from_args(values: list) -> PASAConfig:
     fields = dict(zip(OP_FIELDS, values, strict=True))
     fields["tile"] = tuple(fields["tile"]) if fields["tile"] else "auto"
     fields["max_blocks"] = None if fields["max_blocks"] < 0 else fields["max_blocks"]
-    fields["window_bonus"] = None if fields["window_bonus"] < 0 else fields["window_bonus"]
+    for name in ("window_bonus", "window_trust"):
+        fields[name] = None if fields[name] < 0 else fields[name]
     fields["approximate"] = fields["approximate"] or False
     return PASAConfig(**fields, min_step_density=fields["density"])

@@ -28,6 +28,11 @@ pasa_soft_window1         PASA with a soft window: the window's blocks get +1 on
                           scores instead of being forced (window_bonus = 1), so a block outside
                           displaces one inside where the estimate gives it e (2.7) times the mass
 pasa_soft_window2         the same with +2 (7.4 times the mass)
+pasa_trusted_window70     PASA forcing the window only in the heads whose estimate agrees with it
+                          (the window holds at least 0.7 of the mass of the row's heaviest blocks
+                          of the same number, averaged over rows; window_trust = 0.7), soft (+1)
+                          in the others
+pasa_trusted_window85     the same at 0.85
 pasa_isotropic_window     PASA with time and space distances counted alike (window_time_scale = 1)
 pasa_step_window          PASA with the window sized by each step's density (steady_window = False)
 pasa_window_floor         PASA whose budget never gives a step fewer blocks than its local window
@@ -128,6 +133,7 @@ def _pasa(floor_share: float = 0.0, **changes: object) -> Callable[[float], PASA
         steady_window=defaults.steady_window,
         window_time_scale=defaults.window_time_scale,
         window_bonus=defaults.window_bonus,
+        window_trust=defaults.window_trust,
         budget="fixed",  # calibrated strategies get budget="profile" with the file, per run
     )
     base.update(changes)
@@ -214,6 +220,12 @@ STRATEGIES: dict[str, Strategy] = {
         Strategy("pasa_soft_window2",
                  "PASA with a soft window (window blocks +2 in the routing score, not forced)",
                  _pasa(window_bonus=2.0), calibrated=True),
+        Strategy("pasa_trusted_window70",
+                 "PASA with the window forced where the estimate agrees (trust 0.7), soft elsewhere",
+                 _pasa(window_trust=0.7), calibrated=True),
+        Strategy("pasa_trusted_window85",
+                 "PASA with the window forced where the estimate agrees (trust 0.85), soft elsewhere",
+                 _pasa(window_trust=0.85), calibrated=True),
         Strategy("pasa_isotropic_window", "PASA with time and space counted alike in the window",
                  _pasa(window_time_scale=1.0), calibrated=True),
         Strategy("pasa_g32", "PASA with 32-token groups", _pasa(group_size=32), calibrated=True),

@@ -85,6 +85,7 @@ def plan_from_means(
             "temperature": float(config.temperature),
             "mass_floor": _MASS_FLOOR,
         },
-        need_share=config.selection == "top_p",  # top-k ranks the scores alone
+        # top-k ranks the scores alone; a trusted window weighs the window's share
+        need_share=config.selection == "top_p" or config.window_trust is not None,
     )
     return route_from_scores(share, scores, layout=layout, config=config, density=density)

@@ -84,7 +84,7 @@ def route_from_scores(
 
     Args:
         share: ``(B, H, N, N)`` fp32 floored row share of block mass (route.py's ``share``);
-            only read by ``top_p`` (None is fine for ``top_k``).
+            only read by ``top_p`` and ``window_trust`` (None is fine otherwise).
         scores: ``(B, H, N, N)`` fp32 ``log share + tau * Gumbel``, forced blocks ``+inf``.
         density: target mean density, < 1.
     Returns:
@@ -92,19 +92,19 @@ def route_from_scores(
     """
     batch, heads, n, _ = scores.shape
     rows = batch * heads * n
-    forced_local, bonus = split_window(
-        layout, config, config.local_blocks(density, n), scores.device
-    )
-    if bonus is not None:  # a soft window: preferred in the keys, not forced (route.py)
-        scores = scores + bonus
+    routing = split_window(layout, config, config.local_blocks(density, n), scores.device, share)
+    if routing.bonus is not None:  # a soft or trusted window: in the keys (route.py)
+        scores = scores + routing.bonus
     lo, hi, eligible, lo_total, eligible_total, window = _bounds(
         layout,
-        forced_local,
+        routing.floor,
         config.window_time_scale,
         config.min_blocks,
         config.max_blocks,
         str(scores.device),
     )
+    if not routing.forced:  # the floor's room only; nothing forced beyond the diagonal
+        window = None
     if config.selection == "top_k":
         count = round(density * n)  # route.py's count rule, clamped per row in the kernel
         return BlockPlan(*topk_plan(scores, lo, hi, count, forced=window), layout)
