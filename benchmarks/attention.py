@@ -138,9 +138,12 @@ def _estimate_route_parts(qt, kt, qg, kg, layout, config, density, time) -> dict
     """Estimate and routing times, by variant, and the estimate's error on these inputs.
 
     ``estimate`` / ``route`` are what ``sparse_attention`` runs (defaults: bf16x3 two-pass
-    estimate with Gumbel keys, top-k select, local window share); ``estimate_tau0`` the estimate
-    without the Gumbel keys; ``estimate_g{g}`` the estimate at another group
-    size, ``route_no_local`` routing with ``local_share=0``. ``*_err`` = max |mass - fp32 torch
+    estimate with Gumbel keys, top-k select, local window share trusted per head);
+    ``estimate_tau0`` the estimate without the Gumbel keys; ``estimate_g{g}`` the estimate at
+    another group size, ``route_no_local`` routing with ``local_share=0``,
+    ``route_forced_window`` with the window forced in every head (``window_trust=None``) and
+    ``estimate_no_share`` the estimate without the row share that only top-p and the trusted
+    window read. ``*_err`` = max |mass - fp32 torch
     reference| / (1e-3 |ref| + 1e-7): <= 1 is inside the test bound (random inputs give flat
     attention: a mild case).
     ``plan_jaccard_tf32`` = selected blocks shared by the tf32 and the default plan / union.
@@ -155,10 +158,12 @@ def _estimate_route_parts(qt, kt, qg, kg, layout, config, density, time) -> dict
     }
     common = dict(seq_len=seq, block_size=config.block_size, group_size=config.group_size)
     top_k = config.selection == "top_k"
+    # The estimate writes the row share where routing reads it (kernels/pipeline.py's rule).
+    need_share = not top_k or config.window_trust is not None
 
     def estimate(**opts):
         return grouped_block_estimate(
-            qg, kg, routing=routing, need_share=not top_k, **common, **opts
+            qg, kg, routing=routing, need_share=need_share, **common, **opts
         )
 
     out = {"estimate": time(estimate)}
@@ -171,7 +176,9 @@ def _estimate_route_parts(qt, kt, qg, kg, layout, config, density, time) -> dict
     if config.temperature > 0:  # the Gumbel keys' share of the estimate
         no_noise = {**routing, "temperature": 0.0}
         out["estimate_tau0"] = time(
-            lambda: grouped_block_estimate(qg, kg, routing=no_noise, need_share=not top_k, **common)
+            lambda: grouped_block_estimate(
+                qg, kg, routing=no_noise, need_share=need_share, **common
+            )
         )
     # The estimate at the other group sizes (group means taken outside the timing, as the
     # default's come from the re-ordering), and routing without the local window share.
@@ -181,7 +188,7 @@ def _estimate_route_parts(qt, kt, qg, kg, layout, config, density, time) -> dict
             opts = {**common, "group_size": g}
             out[f"estimate_g{g}"] = time(
                 lambda qg_g=qg_g, kg_g=kg_g, opts=opts: grouped_block_estimate(
-                    qg_g, kg_g, routing=routing, need_share=not top_k, **opts
+                    qg_g, kg_g, routing=routing, need_share=need_share, **opts
                 )
             )
             del qg_g, kg_g
@@ -191,6 +198,13 @@ def _estimate_route_parts(qt, kt, qg, kg, layout, config, density, time) -> dict
     )
     out["route"] = time(lambda: route(config))
     out["route_no_local"] = time(lambda: route(config.replace(local_share=0.0)))
+    # The window forced in every head (no agreement to weigh), and the estimate without the
+    # share it then does not need.
+    forced = config.replace(window_trust=None, window_bonus=None)
+    out["route_forced_window"] = time(lambda: route(forced))
+    out["estimate_no_share"] = time(
+        lambda: grouped_block_estimate(qg, kg, routing=routing, need_share=not top_k, **common)
+    )
     share_p, scores_p = grouped_block_estimate(qg, kg, routing=routing, **common)
     out["route_top_p"] = time(
         lambda: route_from_scores(
@@ -214,10 +228,10 @@ def _estimate_route_parts(qt, kt, qg, kg, layout, config, density, time) -> dict
     del ref
     base = route(config).to_dense_mask()
     _, scores_tf32 = grouped_block_estimate(
-        qg, kg, routing=routing, need_share=not top_k, precision="tf32", **common
+        qg, kg, routing=routing, need_share=need_share, precision="tf32", **common
     )
     other = route_from_scores(
-        None if top_k else share, scores_tf32, layout=layout, config=config, density=density
+        share, scores_tf32, layout=layout, config=config, density=density
     ).to_dense_mask()
     out["plan_jaccard_tf32"] = round(((base & other).sum() / (base | other).sum()).item(), 5)
     return out

@@ -52,8 +52,8 @@ class AgreementRecorder:
         self._original = pasa.route.window_agreement
 
     def __enter__(self) -> AgreementRecorder:
-        def recording(share, window, local):
-            agreement = self._original(share, window, local)
+        def recording(*args):
+            agreement = self._original(*args)
             self.values.append(agreement.detach().float().cpu())
             return agreement
 

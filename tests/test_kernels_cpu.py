@@ -111,7 +111,8 @@ def test_block_mass_matches_torch(grid, text, group_size):
      ("top_p", 2, 6, 0.0, None, None), ("top_k", 1, None, 0.5, None, None),
      ("top_p", 2, 6, 0.5, None, None), ("top_k", 1, None, 0.5, 1.0, None),
      ("top_p", 2, 6, 0.5, 1.0, None), ("top_k", 1, None, 0.5, 2.0, 0.0),
-     ("top_k", 1, None, 0.5, 2.0, 1.0), ("top_p", 2, 6, 0.5, None, 1.0)],
+     ("top_k", 1, None, 0.5, 2.0, 1.0), ("top_p", 2, 6, 0.5, None, 1.0),
+     ("top_k", 1, None, 0.75, None, 0.7)],
 )  # fmt: skip
 @pytest.mark.parametrize("grid,text", CASES)
 def test_plan_matches_route(grid, text, selection, min_blocks, max_blocks, local_share,

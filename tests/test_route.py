@@ -192,7 +192,7 @@ def test_local_share_keeps_the_nearest_blocks_and_the_count():
     n = layout.num_blocks
     mass = torch.rand(2, 3, n, n, generator=torch.Generator().manual_seed(0))
     plain = select_blocks(mass, layout=layout, config=PASAConfig(density=0.25))
-    config = PASAConfig(density=0.25, local_share=0.5)
+    config = PASAConfig(density=0.25, local_share=0.5, window_trust=None)  # forced everywhere
     local = config.local_blocks(0.25, n)
     assert local == 8  # half of round(0.25 * 64) = 16
     mixed = select_blocks(mass, layout=layout, config=config)
@@ -203,7 +203,9 @@ def test_local_share_keeps_the_nearest_blocks_and_the_count():
     # All of the count to the window: the static window plan, whatever the mass says, in
     # either window shape.
     for scale in (0.5, 1.0):
-        whole = PASAConfig(density=0.25, local_share=1.0, window_time_scale=scale)
+        whole = PASAConfig(
+            density=0.25, local_share=1.0, window_time_scale=scale, window_trust=None
+        )
         window = select_blocks(mass, layout=layout, config=whole)
         want = window_plan(layout, 0.25, 2, 3, time_scale=scale).to_dense_mask()
         assert torch.equal(window.to_dense_mask(), want)
@@ -223,7 +225,8 @@ def test_soft_window_prefers_the_window_and_yields_to_much_larger_mass():
     layout = make_layout((8, 32, 32))
     n = layout.num_blocks
     mass = torch.rand(2, 3, n, n, generator=torch.Generator().manual_seed(0)) + 1.0
-    config = PASAConfig(density=0.25, temperature=0.0)  # the forced window of 12 blocks
+    # The forced window of 12 blocks in every head.
+    config = PASAConfig(density=0.25, temperature=0.0, window_trust=None)
     local = config.local_blocks(0.25, n)
     window = nearest_blocks(layout, local, config.window_time_scale)
     forced = select_blocks(mass, layout=layout, config=config).to_dense_mask()
@@ -257,14 +260,14 @@ def test_trusted_window_forces_where_the_estimate_agrees_and_yields_elsewhere():
 
     layout = make_layout((8, 32, 32))
     n = layout.num_blocks
-    config = PASAConfig(density=0.25, temperature=0.0, local_share=1.0)
+    config = PASAConfig(density=0.25, temperature=0.0, local_share=1.0, window_trust=None)
     local = config.local_blocks(0.25, n)
     window = nearest_blocks(layout, local, config.window_time_scale)
     mass = torch.rand(1, 3, n, n, generator=torch.Generator().manual_seed(0)) + 1.0
     mass[0, 0] += 30.0 * window  # head 0: the window holds the heaviest blocks
     mass[0, 1] += 30.0 * ~window  # head 1: every block outside outweighs every block inside
     share = mass / mass.sum(-1, keepdim=True)
-    agreement = window_agreement(share, window, local)[0]
+    agreement = window_agreement(share, window, local, n)[0]
     assert agreement[0] == pytest.approx(1.0) and agreement[1] < 0.2 < 0.8 < agreement[2] < 1.0
 
     def plan(**changes):

@@ -102,7 +102,7 @@ class PASAConfig:
     steady_window: bool = True
     window_time_scale: float = 0.5
     window_bonus: float | None = None
-    window_trust: float | None = None
+    window_trust: float | None = 0.7
     min_blocks: int = 1
     max_blocks: int | None = None
     seed: int = 0

@@ -77,7 +77,9 @@ class WindowRouting(NamedTuple):
     bonus: torch.Tensor | None  # added to the routing scores: (Nq, Nk) or (B, H, Nq, Nk)
 
 
-def window_agreement(share: torch.Tensor, window: torch.Tensor, local: int) -> torch.Tensor:
+def window_agreement(
+    share: torch.Tensor, window: torch.Tensor, local: int, video: int
+) -> torch.Tensor:
     """``(B, H)`` fp32: per head, the mean over video rows of the window's share of the row's
     estimated mass over the share of its ``local`` heaviest video blocks (1: the window holds
     the heaviest blocks; text keys are left out of both).
@@ -85,12 +87,10 @@ def window_agreement(share: torch.Tensor, window: torch.Tensor, local: int) -> t
     Args:
         share: ``(B, H, Nq, Nk)`` row share of estimated block mass.
         window: ``(Nq, Nk)`` bool, each video row's ``local`` nearest video blocks.
+        video: video blocks (they come first in a layout, the text blocks after them).
     """
-    rows = window.any(-1)  # video rows
-    video = int(rows.sum())
-    if video == 0 or local <= 0:
+    if video <= 0 or local <= 0:
         return share.new_ones(share.shape[:2])
-    # Video blocks come first in a layout, text blocks after them.
     share = share[..., :video, :video]
     held = (share * window[:video, :video]).sum(-1)
     best = share.topk(min(local, video), dim=-1).values.sum(-1)
@@ -117,13 +117,15 @@ def split_window(
     if local == 0 or (config.window_bonus is None and config.window_trust is None):
         return WindowRouting(local, local, None)
     bonus = config.soft_window_bonus
-    soft = window_bonus(layout, local, bonus, config.window_time_scale, str(device))
     if config.window_trust is None:
-        return WindowRouting(0, 0, soft)
+        return WindowRouting(
+            0, 0, window_bonus(layout, local, bonus, config.window_time_scale, str(device))
+        )
     if share is None:
         raise ValueError("window_trust needs the estimate's row share of block mass")
     window = local_window(layout, local, config.window_time_scale, str(device))
-    agrees = window_agreement(share, window, local) >= config.window_trust  # (B, H)
+    video = min(layout.first_text_block, layout.num_blocks)
+    agrees = window_agreement(share, window, local, video) >= config.window_trust  # (B, H)
     per_head = torch.where(agrees, float("inf"), bonus)[:, :, None, None]
     return WindowRouting(0, local, torch.where(window, per_head, 0.0))
 
