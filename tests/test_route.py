@@ -268,7 +268,7 @@ def test_trusted_window_forces_where_the_estimate_agrees_and_yields_elsewhere():
     mass[0, 1] += 30.0 * ~window  # head 1: every block outside outweighs every block inside
     share = mass / mass.sum(-1, keepdim=True)
     agreement = window_agreement(share, window, local, n)[0]
-    assert agreement[0] == pytest.approx(1.0) and agreement[1] < 0.2 < 0.8 < agreement[2] < 1.0
+    assert agreement[0] == pytest.approx(1.0) and agreement[1] < 0.2 < 0.6 < agreement[2] < 1.0
 
     def plan(**changes):
         return select_blocks(mass, layout=layout, config=config.replace(**changes)).to_dense_mask()

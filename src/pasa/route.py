@@ -77,12 +77,19 @@ class WindowRouting(NamedTuple):
     bonus: torch.Tensor | None  # added to the routing scores: (Nq, Nk) or (B, H, Nq, Nk)
 
 
+# window_agreement averages every AGREEMENT_ROW_STRIDE-th video row: the per-row top-k is most
+# of its cost (all 591 rows of Wan2.1-14B 720p: 0.93 ms a call on an H200, against 0.24 ms for
+# the forced window's whole routing).
+AGREEMENT_ROW_STRIDE = 4
+
+
 def window_agreement(
     share: torch.Tensor, window: torch.Tensor, local: int, video: int
 ) -> torch.Tensor:
-    """``(B, H)`` fp32: per head, the mean over video rows of the window's share of the row's
-    estimated mass over the share of its ``local`` heaviest video blocks (1: the window holds
-    the heaviest blocks; text keys are left out of both).
+    """``(B, H)`` fp32: per head, the mean over video rows (every
+    :data:`AGREEMENT_ROW_STRIDE`-th) of the window's share of the row's estimated mass over
+    the share of its ``local`` heaviest video blocks (1: the window holds the heaviest blocks;
+    text keys are left out of both).
 
     Args:
         share: ``(B, H, Nq, Nk)`` row share of estimated block mass.
@@ -91,8 +98,9 @@ def window_agreement(
     """
     if video <= 0 or local <= 0:
         return share.new_ones(share.shape[:2])
-    share = share[..., :video, :video]
-    held = (share * window[:video, :video]).sum(-1)
+    rows = slice(0, video, AGREEMENT_ROW_STRIDE)
+    share = share[..., rows, :video]
+    held = (share * window[rows, :video]).sum(-1)
     best = share.topk(min(local, video), dim=-1).values.sum(-1)
     return (held / best.clamp_min(1e-30)).mean(-1)
 
