@@ -167,14 +167,23 @@ def test_triton_noise_is_bit_exact():
 BOUNDS = [(1, None), (3, 5)]  # (min_blocks, max_blocks): the second clips rows both ways
 
 
+# How the local window enters routing: forced (the default), soft in every head, and trusted
+# by no head (agreement 1 is out of reach of random inputs: every head soft, at the forced
+# window's count; mixed heads are held to route.py in tests/test_kernels_cpu.py).
+WINDOWS = [{}, {"window_bonus": 1.0}, {"window_trust": 1.0}]
+
+
+@pytest.mark.parametrize("window", WINDOWS, ids=["forced", "soft", "trusted"])
 @pytest.mark.parametrize("local_share", [0.0, 0.75])
 @pytest.mark.parametrize("min_blocks,max_blocks", BOUNDS)
 @pytest.mark.parametrize("selection", ["top_p", "top_k"])
 @pytest.mark.parametrize("grid,text", CASES)
-def test_gpu_plan_matches_route(grid, text, selection, min_blocks, max_blocks, local_share):
+def test_gpu_plan_matches_route(grid, text, selection, min_blocks, max_blocks, local_share, window):
     """The fused estimate + GPU router give pasa/route.py's plan (no near-ties at these shapes)."""
     from pasa.attention import plan_blocks
 
+    if local_share == 0.0 and window:
+        pytest.skip("no window to enter routing")
     config = pasa.PASAConfig(
         density=0.3,
         selection=selection,
@@ -182,6 +191,7 @@ def test_gpu_plan_matches_route(grid, text, selection, min_blocks, max_blocks, l
         min_blocks=min_blocks,
         max_blocks=max_blocks,
         local_share=local_share,
+        **window,
     )
     q, k, _ = _inputs(grid, text, torch.bfloat16)
     got = plan_blocks(q, k, grid=grid, config=config, num_text_tokens=text, step=3, layer=2)
