@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -152,6 +152,26 @@ def held_out_clip(checkpoint: Any, clip: int, device: torch.device) -> HeldOutCl
     text, _ = config.text_encoder()(captions, device=device)
     generator = torch.Generator().manual_seed(clip)
     return HeldOutClip(model, config, latents, text, captions[0], generator)
+
+
+class TestbedRun(NamedTuple):
+    """A testbed benchmark's model on its device, with the clip size it samples."""
+
+    device: torch.device
+    model: torch.nn.Module
+    config: Any  # pasa.testbed.model.TestbedConfig
+    size: int
+
+
+def open_testbed(args: Any) -> TestbedRun:
+    """The checkpoint ``args.checkpoint`` on ``args.device`` (CUDA when available), sampled at
+    ``args.size`` pixels (the training size when None): what the testbed benchmarks'
+    command lines share."""
+    from pasa.eval.generate import load_model, resolve_device
+
+    device = resolve_device(args.device)
+    model, config, _ = load_model(args.checkpoint, device)
+    return TestbedRun(device, model, config, args.size or config.height)
 
 
 def testbed_header(benchmark: str, args: Any, device: torch.device) -> dict[str, Any]:

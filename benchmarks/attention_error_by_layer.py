@@ -31,11 +31,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _diffusers_common import save_testbed_report, sparse_attention_replaced
+from _diffusers_common import open_testbed, save_testbed_report, sparse_attention_replaced
 
 import pasa
 from pasa.attention import layout_for
-from pasa.eval.generate import eval_captions, load_model, resolve_device
+from pasa.eval.generate import eval_captions
 from pasa.eval.strategies import get_strategy
 from pasa.testbed.model import DEFAULT_CHECKPOINT
 from pasa.testbed.sample import sample
@@ -65,9 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", default=None, help="JSON report")
     args = ap.parse_args(argv)
-    device = resolve_device(args.device)
-    model, config, _ = load_model(args.checkpoint, device)
-    size = args.size or config.height
+    device, model, config, size = open_testbed(args)
     pasa_config = get_strategy("pasa").config(args.density)
     exact = pasa_config.replace(approximate=False)
     variants = {

@@ -28,14 +28,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _diffusers_common import save_testbed_report
+from _diffusers_common import open_testbed, save_testbed_report
 
 from pasa.eval.generate import (
     calibrate_profile,
     eval_captions,
     generate,
-    load_model,
-    resolve_device,
     strategy_hooks,
 )
 from pasa.eval.metrics import psnr, temporal_flickering, to_uint8
@@ -101,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clips-out", default=None,
                     help="folder to save every clip as uint8 (F, H, W, 3) tensors (NAME.pt)")  # fmt: skip
     args = ap.parse_args(argv)
-    device = resolve_device(args.device)
-    model, config, _ = load_model(args.checkpoint, device)
-    size = args.size or config.height
+    device, model, config, size = open_testbed(args)
     common = dict(num_steps=args.steps, frames=config.frames, size=size)
     grid = config.token_grid(height=size, width=size)
     tile_frames = auto_tile(grid, 128)[0]

@@ -26,15 +26,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _diffusers_common import save_testbed_report
+from _diffusers_common import open_testbed, save_testbed_report
 
 import pasa.route
 from pasa.eval.generate import (
     calibrate_profile,
     eval_captions,
     generate,
-    load_model,
-    resolve_device,
     strategy_hooks,
 )
 from pasa.eval.strategies import get_strategy
@@ -100,9 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--out", default=None, help="JSON report")
     args = ap.parse_args(argv)
-    device = resolve_device(args.device)
-    model, config, _ = load_model(args.checkpoint, device)
-    size = args.size or config.height
+    device, model, config, size = open_testbed(args)
     common = dict(num_steps=args.steps, frames=config.frames, size=size)
     captions = eval_captions(args.captions, **config.clip_settings())
     start = time.monotonic()
