@@ -118,6 +118,7 @@ def run_variant(
     num_layers: int = 2,
     max_minutes: float | None = None,
     samples_out: Path | None = None,
+    threads: int = 1,
 ) -> dict:
     """Train one model from scratch on ``size`` px clips of ``styles`` (more than one: a
     curriculum, ``clips`` clips of each style trained in that order, one equal stage of the steps
@@ -128,7 +129,7 @@ def run_variant(
     from pasa.testbed.rendering import render_batch
     from pasa.testbed.scene import caption, make_scene
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     code = "sinusoidal" if absolute_position else "none"
     config = TestbedConfig(**dict(SETUP, height=size, width=size, scene_style=styles[-1],
                                   pixel_factor=pixel_factor, position_code=code,
@@ -282,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="add a fixed code of each token's place to the patch embedding (Wan has none)",
     )
-    ap.add_argument("--jobs", type=int, default=2, help="variants trained at once (1 thread each)")
+    ap.add_argument("--jobs", type=int, default=2, help="variants trained at once")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of each variant")
     ap.add_argument("--device", default="cpu", help="where the models train (cpu, cuda, ...)")
     ap.add_argument("--num-layers", type=int, default=2, help="transformer blocks (default 2)")
     ap.add_argument(
@@ -303,13 +305,15 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--size must be a multiple of 2 * --pixel-factor")
     if not 0.0 <= args.pure_noise_share <= 1.0:
         ap.error("--pure-noise-share must be in [0, 1]")
+    if args.threads < 1 or args.jobs < 1:
+        ap.error("--threads and --jobs must be at least 1")
     if args.curriculum is not None and len(args.curriculum) < 2:
         ap.error("--curriculum needs at least two styles (one style: --scene-style)")
     styles = tuple(args.curriculum or (args.scene_style,))
     work = (args.clips, args.held_out, args.steps, args.batch, args.seed, args.size,
             styles, args.pixel_factor, args.pure_noise_share,
             args.absolute_position, args.device, args.num_layers, args.max_minutes,
-            args.samples_out)  # fmt: skip
+            args.samples_out, args.threads)  # fmt: skip
     context = multiprocessing.get_context("spawn")  # CUDA cannot be used in forked workers
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
         results = list(
@@ -318,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     setup = dict(SETUP, height=args.size, width=args.size, scene_style=styles[-1],
                  pixel_factor=args.pixel_factor, pure_noise_share=args.pure_noise_share,
                  absolute_position=args.absolute_position, num_layers=args.num_layers,
-                 max_minutes=args.max_minutes, curriculum=args.curriculum,
+                 max_minutes=args.max_minutes, curriculum=args.curriculum, threads=args.threads,
                  clips=args.clips,
                  held_out=args.held_out, steps=args.steps)  # fmt: skip
     setup.update(batch=args.batch, seed=args.seed, lr=1e-3, caption_dropout=0.1)
