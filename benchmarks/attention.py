@@ -138,7 +138,7 @@ def _estimate_route_parts(qt, kt, qg, kg, layout, config, density, time) -> dict
     """Estimate and routing times, by variant, and the estimate's error on these inputs.
 
     ``estimate`` / ``route`` are what ``sparse_attention`` runs (defaults: bf16x3 two-pass
-    estimate with Gumbel keys, top-k select, local window share trusted per head);
+    estimate with Gumbel keys, top-k select, the local window forced or as configured);
     ``estimate_tau0`` the estimate without the Gumbel keys; ``estimate_g{g}`` the estimate at
     another group size, ``route_no_local`` routing with ``local_share=0``,
     ``route_forced_window`` with the window forced in every head (``window_trust=None``) and
@@ -198,8 +198,8 @@ def _estimate_route_parts(qt, kt, qg, kg, layout, config, density, time) -> dict
     )
     out["route"] = time(lambda: route(config))
     out["route_no_local"] = time(lambda: route(config.replace(local_share=0.0)))
-    # The window forced in every head (no agreement to weigh), and the estimate without the
-    # share it then does not need.
+    # The window forced in every head (no agreement to weigh; the same as "route" under the
+    # defaults), and the estimate without the share only top-p and window_trust read.
     forced = config.replace(window_trust=None, window_bonus=None)
     out["route_forced_window"] = time(lambda: route(forced))
     out["estimate_no_share"] = time(
