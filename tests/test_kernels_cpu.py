@@ -218,6 +218,39 @@ def test_topk_forced_window_reads_as_inf(chunk):
 
 
 @in_child
+@pytest.mark.parametrize("chunk", [None, 16])  # registers, and streamed in three chunks
+def test_topk_window_values_read_in_place(chunk):
+    """A window mask with per-head values (+inf in some heads, a bonus in others: a trusted
+    window) gives the plan of the keys with the values added (route.py's WindowRouting.keys),
+    ties at the cut included."""
+    from pasa.kernels import route_triton
+    from pasa.kernels.route_triton import topk_plan
+
+    g = torch.Generator().manual_seed(3)
+    n = 40
+    scores = torch.randn(2, 3, n, n, generator=g)
+    scores[..., torch.arange(n), torch.arange(n)] = float("inf")  # the diagonal, as routed
+    scores[1, 0, 7, 20:] = -1.0  # ties at the cut
+    window = torch.rand(n, n, generator=g) < 0.2
+    value = torch.tensor([[float("inf"), 1.0, 0.0], [2.5, float("inf"), 1.0]])
+    lo = torch.ones(n, dtype=torch.int32)
+    hi = torch.full((n,), n, dtype=torch.int32)
+    old = route_triton._TOPK_CHUNK
+    route_triton._TOPK_CHUNK = chunk or old
+    try:
+        got = topk_plan(
+            scores, lo, hi, 9, forced=window.to(torch.int8), value=value.reshape(-1)
+        )
+        keys = scores + torch.where(window, value[:, :, None, None], 0.0)
+        want = topk_plan(keys, lo, hi, 9)
+    finally:
+        route_triton._TOPK_CHUNK = old
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with pytest.raises(ValueError, match="value needs forced"):
+        topk_plan(scores, lo, hi, 9, value=value.reshape(-1))
+
+
+@in_child
 @pytest.mark.parametrize(
     "grid,text,block_size,dim", [((5, 9, 11), 0, 64, 16), ((3, 10, 12), 7, 128, 32)]
 )

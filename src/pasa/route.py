@@ -58,23 +58,20 @@ def local_window(
     return nearest_blocks(layout, local, time_scale).to(device)
 
 
-@lru_cache(maxsize=64)
-def window_bonus(
-    layout: TokenLayout, local: int, bonus: float, time_scale: float, device: torch.device | str
-) -> torch.Tensor:
-    """``(Nq, Nk)`` fp32: ``bonus`` on each video row's ``local`` nearest blocks (time
-    distances scaled by ``time_scale``), 0 elsewhere: what a soft window adds to the routing
-    scores (``PASAConfig.window_bonus``). Cached per layout, size, bonus and device (read,
-    never written)."""
-    return local_window(layout, local, time_scale, device).float() * float(bonus)
-
-
 class WindowRouting(NamedTuple):
     """How the local window enters one call's routing (:func:`split_window`)."""
 
-    forced: int  # nearest blocks of every video row forced like the diagonal (+inf scores)
+    forced: int  # nearest blocks of every video row forced in every head (+inf scores)
     floor: int  # nearest blocks the rows' count bounds make room for (the forced window's)
-    bonus: torch.Tensor | None  # added to the routing scores: (Nq, Nk) or (B, H, Nq, Nk)
+    window: torch.Tensor | None  # (Nq, Nk) bool: the blocks that get `value` (None: nothing added)
+    value: torch.Tensor | None  # (B, H) fp32 added to `window`'s scores per head; +inf forces them
+
+    def keys(self, scores: torch.Tensor) -> torch.Tensor:
+        """``scores`` ``(B, H, Nq, Nk)`` with each head's value added on the window's blocks
+        (what the GPU top-k reads in place, pasa/kernels/route_triton.py)."""
+        if self.window is None:
+            return scores
+        return scores + torch.where(self.window, self.value[:, :, None, None], 0.0)
 
 
 # window_agreement averages every AGREEMENT_ROW_STRIDE-th video row, for its per-row top-k: at
@@ -109,33 +106,31 @@ def split_window(
     layout: TokenLayout,
     config: PASAConfig,
     local: int,
+    heads: tuple[int, int],
     device: torch.device | str,
     share: torch.Tensor | None = None,
 ) -> WindowRouting:
-    """How a row's ``local`` nearest blocks enter the routing.
+    """How a row's ``local`` nearest blocks enter the routing of ``heads`` = ``(B, H)``.
 
-    - the default window forces all ``local`` and adds nothing;
-    - a soft one (``window_bonus``) forces none and adds ``bonus`` to them
-      (:func:`window_bonus`'s ``(Nq, Nk)`` scores);
-    - a trusted one (``window_trust``) forces them, as ``+inf`` scores, in the heads whose
-      estimate agrees with the window (:func:`window_agreement` of ``share``, the ``(B, H, Nq,
-      Nk)`` row share, at least ``window_trust``) and adds the soft bonus in the others; every
-      row keeps the forced window's count.
+    - the default window forces all ``local`` in every head and adds nothing;
+    - a soft one (``window_bonus``) forces none and adds the bonus to their scores in every head
+      (the rows' count bounds make no room for them);
+    - a trusted one (``window_trust``) adds ``+inf`` (forces them) in the heads whose estimate
+      agrees with the window (:func:`window_agreement` of ``share``, the ``(B, H, Nq, Nk)`` row
+      share, at least ``window_trust``) and the soft bonus in the others; every row keeps the
+      forced window's count.
     """
     if local == 0 or (config.window_bonus is None and config.window_trust is None):
-        return WindowRouting(local, local, None)
+        return WindowRouting(local, local, None, None)
+    window = local_window(layout, local, config.window_time_scale, str(device))
     bonus = config.soft_window_bonus
     if config.window_trust is None:
-        return WindowRouting(
-            0, 0, window_bonus(layout, local, bonus, config.window_time_scale, str(device))
-        )
+        return WindowRouting(0, 0, window, torch.full(heads, bonus, device=device))
     if share is None:
         raise ValueError("window_trust needs the estimate's row share of block mass")
-    window = local_window(layout, local, config.window_time_scale, str(device))
     video = min(layout.first_text_block, layout.num_blocks)
     agrees = window_agreement(share, window, local, video) >= config.window_trust  # (B, H)
-    per_head = torch.where(agrees, float("inf"), bonus)[:, :, None, None]
-    return WindowRouting(0, local, torch.where(window, per_head, 0.0))
+    return WindowRouting(0, local, window, torch.where(agrees, float("inf"), bonus))
 
 
 def _count_bounds(
@@ -206,7 +201,8 @@ def select_blocks(
     mass = mass.float()
     share = mass / mass.sum(-1, keepdim=True).clamp_min(1e-30)
     share = (share + _MASS_FLOOR) / (1.0 + _MASS_FLOOR * cols)
-    window = split_window(layout, config, config.local_blocks(density, cols), mass.device, share)
+    local = config.local_blocks(density, cols)
+    window = split_window(layout, config, local, (batch, heads), mass.device, share)
     scale = config.window_time_scale
     forced, dense_rows = forced_blocks(layout, mass.device, window.forced, scale)
     room = (
@@ -216,8 +212,7 @@ def select_blocks(
     )
     lo, hi = _count_bounds(room, dense_rows, config)  # (Nq,), (Nq,)
     scores = routing_scores(share, config=config, step=step, layer=layer, head_offset=head_offset)
-    if window.bonus is not None:  # a soft or trusted window: in the scores, not forced
-        scores = scores + window.bonus
+    scores = window.keys(scores)  # a soft or trusted window: in the scores, not forced
     scores = scores.masked_fill(forced | dense_rows[:, None], float("inf"))
     order = scores.argsort(
         dim=-1, descending=True, stable=True

@@ -23,28 +23,35 @@ _INF_KEY: tl.constexpr = tl.constexpr(0xFF800000)  # _float_order_key(+inf): for
 
 
 @triton.jit
-def _row_keys(score_ptr, forced_ptr, offs_row, offs_forced, j, ok, FORCED: tl.constexpr):
-    # (ROWS, len(j)) uint32 order keys of columns j; masked-off slots 0 (below every real key);
-    # with FORCED, the blocks the (N, N) int8 mask marks for the row's query block key as +inf.
+def _row_keys(
+    score_ptr, forced_ptr, offs_row, offs_forced, value, j, ok, FORCED: tl.constexpr,
+    VALUED: tl.constexpr,
+):  # fmt: skip
+    # (ROWS, len(j)) uint32 order keys of columns j; masked-off slots 0 (below every real key).
+    # With FORCED, the blocks the (N, N) int8 mask marks for the row's query block key as +inf,
+    # or, with VALUED, as the score plus the row's head's value ((ROWS,) fp32; +inf forces).
     s = tl.load(score_ptr + offs_row[:, None] + j[None, :], mask=ok, other=float("-inf"))
     key = _float_order_key(s)
     if FORCED:
         f = tl.load(forced_ptr + offs_forced[:, None] + j[None, :], mask=ok, other=0)
-        key = tl.where(f != 0, _INF_KEY, key)
+        if VALUED:
+            key = tl.where(f != 0, _float_order_key(s + value[:, None]), key)
+        else:
+            key = tl.where(f != 0, _INF_KEY, key)
     return tl.where(ok, key, 0)
 
 
 @triton.jit
 def _count_at_least(
-    score_ptr, forced_ptr, offs_row, offs_forced, r_ok, N, cand, CHUNK: tl.constexpr,
-    FORCED: tl.constexpr,
+    score_ptr, forced_ptr, offs_row, offs_forced, value, r_ok, N, cand, CHUNK: tl.constexpr,
+    FORCED: tl.constexpr, VALUED: tl.constexpr,
 ):  # fmt: skip
     # (ROWS,) int32: keys >= cand per row, the row streamed in CHUNK-wide pieces (N > CHUNK).
     n_ge = tl.zeros(cand.shape, tl.int32)
     for c0 in range(0, N, CHUNK):
         j = c0 + tl.arange(0, CHUNK)
         ok = r_ok[:, None] & (j[None, :] < N)
-        key = _row_keys(score_ptr, forced_ptr, offs_row, offs_forced, j, ok, FORCED)
+        key = _row_keys(score_ptr, forced_ptr, offs_row, offs_forced, value, j, ok, FORCED, VALUED)
         n_ge += tl.sum((key >= cand[:, None]).to(tl.int32), axis=1)
     return n_ge
 
@@ -52,7 +59,8 @@ def _count_at_least(
 @triton.jit
 def topk_plan_kernel(
     score_ptr,  # (R, N) fp32 routing keys, forced blocks +inf; row r is query block r % N
-    forced_ptr,  # (N, N) int8: blocks forced per query block (read only when FORCED)
+    forced_ptr,  # (N, N) int8: the local window per query block (read only when FORCED)
+    value_ptr,  # (R // N,) fp32: per head, added to the window's keys (read only when VALUED)
     lo_ptr,  # (N,) int32 count floor per query block
     hi_ptr,  # (N,) int32 count ceiling per query block
     fixed_count,  # top-k count before clamping to [lo, hi]
@@ -63,7 +71,8 @@ def topk_plan_kernel(
     ROWS: tl.constexpr,  # rows per program
     CHUNK: tl.constexpr,  # keys per row held at once (power of two)
     SINGLE: tl.constexpr,  # N <= CHUNK: the whole row stays in registers
-    FORCED: tl.constexpr,  # apply forced_ptr (the local window) as +inf keys
+    FORCED: tl.constexpr,  # apply forced_ptr (the local window): +inf keys, or with VALUED
+    VALUED: tl.constexpr,  # the window's keys are score + value_ptr[head] (+inf: forced)
 ):
     # Radix select, no sort: a threshold t is built bit by bit from the top, keeping the
     # invariant #{key >= t} >= count. It stops as soon as #{key >= t} == count for every row of
@@ -81,10 +90,13 @@ def topk_plan_kernel(
     count = tl.where(r_ok, count, 0)  # rows past R: nothing to select, never hold the loop
     offs_row = r.to(tl.int64) * N  # (ROWS,)
     offs_forced = qblock.to(tl.int64) * N
+    value = tl.zeros((ROWS,), tl.float32)
+    if VALUED:
+        value = tl.load(value_ptr + r // N, mask=r_ok, other=0.0)
     jj = tl.arange(0, CHUNK)
     if SINGLE:
         ok = r_ok[:, None] & (jj[None, :] < N)
-        key = _row_keys(score_ptr, forced_ptr, offs_row, offs_forced, jj, ok, FORCED)
+        key = _row_keys(score_ptr, forced_ptr, offs_row, offs_forced, value, jj, ok, FORCED, VALUED)
     t = tl.zeros((ROWS,), tl.uint32)
     n_t = tl.full((ROWS,), 2147483647, tl.int32)  # #{key >= t}, unknown until a bit is kept
     bit = tl.full((ROWS,), 0x80000000, tl.uint32)  # the bit tried next, from the top
@@ -94,7 +106,17 @@ def topk_plan_kernel(
             n_ge = tl.sum((key >= cand[:, None]).to(tl.int32), axis=1)
         else:
             n_ge = _count_at_least(
-                score_ptr, forced_ptr, offs_row, offs_forced, r_ok, N, cand, CHUNK, FORCED
+                score_ptr,
+                forced_ptr,
+                offs_row,
+                offs_forced,
+                value,
+                r_ok,
+                N,
+                cand,
+                CHUNK,
+                FORCED,
+                VALUED,
             )
         keep = n_ge >= count
         t = tl.where(keep, cand, t)
@@ -118,7 +140,9 @@ def topk_plan_kernel(
         for c0 in range(0, N, CHUNK):
             j = c0 + jj
             ok = r_ok[:, None] & (j[None, :] < N)
-            key = _row_keys(score_ptr, forced_ptr, offs_row, offs_forced, j, ok, FORCED)
+            key = _row_keys(
+                score_ptr, forced_ptr, offs_row, offs_forced, value, j, ok, FORCED, VALUED
+            )
             n_above += tl.sum((key > t[:, None]).to(tl.int32), axis=1)
         need = count - n_above
         taken = tl.zeros((ROWS,), tl.int32)  # selected so far (the next free slot)
@@ -127,7 +151,9 @@ def topk_plan_kernel(
         for c0 in range(0, N, CHUNK):
             j = c0 + jj
             ok = r_ok[:, None] & (j[None, :] < N)
-            key = _row_keys(score_ptr, forced_ptr, offs_row, offs_forced, j, ok, FORCED)
+            key = _row_keys(
+                score_ptr, forced_ptr, offs_row, offs_forced, value, j, ok, FORCED, VALUED
+            )
             tie = ok & (key == t[:, None])
             tie_rank = ties[:, None] + tl.cumsum(tie.to(tl.int32), axis=1)
             sel = (ok & (key > t[:, None])) | (tie & (tie_rank <= need[:, None]))

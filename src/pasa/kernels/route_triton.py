@@ -2,7 +2,8 @@
 
 ``top_k``: one kernel, no sort. Per row a radix select (masked counts over the row's keys, held in
 registers for N <= 2048, one per bit until the top ``count`` keys stand apart, at most 32) finds
-the count-th largest key, reading the local window's blocks as ``+inf`` keys on the way; the row
+the count-th largest key, reading the local window's blocks as ``+inf`` keys on the way (a soft or
+trusted window's as the score plus the head's value, ``+inf`` in a trusted head); the row
 keeps the keys above it and, of the keys equal to it, the lowest-indexed ones; a prefix count
 places the selected blocks in ascending order. Exact ties are the only place where this can
 differ from pasa/route.py's ``argsort`` (forced ``+inf`` blocks always fit in the count; other
@@ -92,9 +93,8 @@ def route_from_scores(
     """
     batch, heads, n, _ = scores.shape
     rows = batch * heads * n
-    routing = split_window(layout, config, config.local_blocks(density, n), scores.device, share)
-    if routing.bonus is not None:  # a soft or trusted window: in the keys (route.py)
-        scores = scores + routing.bonus
+    local = config.local_blocks(density, n)
+    routing = split_window(layout, config, local, (batch, heads), scores.device, share)
     lo, hi, eligible, lo_total, eligible_total, window = _bounds(
         layout,
         routing.floor,
@@ -107,7 +107,18 @@ def route_from_scores(
         window = None
     if config.selection == "top_k":
         count = round(density * n)  # route.py's count rule, clamped per row in the kernel
+        if routing.window is not None:  # a soft or trusted window: its values read in place
+            plan = topk_plan(
+                scores,
+                lo,
+                hi,
+                count,
+                forced=routing.window.view(torch.int8),
+                value=routing.value.reshape(-1),
+            )
+            return BlockPlan(*plan, layout)
         return BlockPlan(*topk_plan(scores, lo, hi, count, forced=window), layout)
+    scores = routing.keys(scores)  # a soft or trusted window: in the keys (route.py)
     if window is not None:  # the local window's blocks are forced like the diagonal: +inf keys
         scores = scores.masked_fill(window.bool(), float("inf"))
     # top_p: rank every row (bitonic sort in registers), then one global threshold.
@@ -161,6 +172,7 @@ def topk_plan(
     count: int,
     *,
     forced: torch.Tensor | None = None,
+    value: torch.Tensor | None = None,
     rows_per_program: int | None = None,
     num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,6 +183,9 @@ def topk_plan(
         lo, hi: ``(N,)`` int32 count floor / ceiling per query block, ``1 <= lo <= hi <= N``.
         forced: ``(N, N)`` int8, nonzero where a query block's key block is forced (read as a
             ``+inf`` key, as if ``scores`` had it; the local window), or None.
+        value: ``(B * H,)`` fp32 or None: with ``forced``, a forced block's key is instead
+            its score plus its head's value (``+inf`` forces it there; a soft or trusted
+            window, route.py's :meth:`WindowRouting.keys` without the ``(B, H, N, N)`` sum).
         rows_per_program, num_warps: launch shape (tuning only; power-of-two rows).
     Returns:
         ``kv_indices (B, H, N, N)`` int32 (ascending, padded with the last selected index) and
@@ -178,6 +193,8 @@ def topk_plan(
     """
     batch, heads, n, _ = scores.shape
     rows = batch * heads * n
+    if value is not None and (forced is None or value.shape != (batch * heads,)):
+        raise ValueError(f"value needs forced and shape ({batch * heads},), got {value.shape}")
     scores = scores.contiguous()
     kv_indices = torch.empty((batch, heads, n, n), dtype=torch.int32, device=scores.device)
     kv_counts = torch.empty((batch, heads, n), dtype=torch.int32, device=scores.device)
@@ -190,6 +207,7 @@ def topk_plan(
     topk_plan_kernel[(triton.cdiv(rows, per_program),)](
         scores,
         lo if forced is None else forced.contiguous(),  # not read without FORCED
+        scores if value is None else value.contiguous(),  # not read without VALUED
         lo,
         hi,
         count,
@@ -201,6 +219,7 @@ def topk_plan(
         CHUNK=chunk,
         SINGLE=n <= chunk,
         FORCED=forced is not None,
+        VALUED=value is not None,
         num_warps=warps,
     )
     return kv_indices, kv_counts
