@@ -117,9 +117,12 @@ def test_caption_order_defaults_presets_and_what_the_evaluation_writes():
     with pytest.raises(ValueError, match="caption_order must be one of"):
         TestbedConfig(caption_order="shuffled")
     shipped = TestbedConfig.from_dict(read_record(DEFAULT_CHECKPOINT)["config"])
-    assert shipped.caption_order == "scene_first"  # as it was trained (run 5)
-    assert shipped.scene_style == "bold+solo"  # and on the clips it was trained on
-    assert shipped.clip_settings() == {"caption_order": "scene_first", "scene_style": "bold+solo"}
+    assert shipped.caption_order == "scene_first"  # as it was trained (run 6)
+    assert shipped.scene_style == "bold+solo-from-centre"  # and on the clips it was trained on
+    assert shipped.clip_settings() == {
+        "caption_order": "scene_first",
+        "scene_style": "bold+solo-from-centre",
+    }
     assert shipped.clip_settings("few") == {"caption_order": "scene_first", "scene_style": "few"}
     with pytest.raises(ValueError, match="--scene-style must be one of"):
         shipped.clip_settings("busy")
