@@ -34,6 +34,7 @@ def test_suite_writes_results(checkpoint, tmp_path):
     assert [r["strategy"] for r in data["runs"]] == STRATEGY_NAMES
     assert len(data["dense"]) == 1 and data["dense"][0]["seed"] == 0
     assert data["settings"]["commit"]  # PASA_COMMIT or the repository's HEAD
+    assert data["settings"]["scene style"] == "bold"  # the checkpoint's own (TINY's)
     for row in data["runs"]:
         m = row["metrics"]
         assert m["psnr"] > 0 and -1 <= m["ssim"] <= 1
@@ -56,6 +57,22 @@ def test_suite_writes_results(checkpoint, tmp_path):
     page = md.read_text()
     assert "PASA" in page and "(../out/psnr_vs_density.png)" in page
     assert page.count("\n| ") >= 3 + len(STRATEGY_NAMES)
+
+
+def test_scene_style_draws_the_captions_in_another_style(checkpoint, tmp_path, capsys):
+    from pasa.eval.generate import eval_captions
+
+    result = run_suite(
+        checkpoint, captions=1, seeds=[0], densities=[0.25], strategies=["static_window"],
+        steps=2, size=64, frames=8, out_dir=tmp_path / "out", device="cpu", progress=False,
+        scene_style="few",
+    )  # fmt: skip
+    data = json.loads(result.files["results"].read_text())
+    assert data["captions"] == eval_captions(1, caption_order="scene_first", scene_style="few")
+    assert data["settings"]["scene style"] == "few"
+    with pytest.raises(SystemExit):  # argparse names the choices
+        main(["--checkpoint", str(checkpoint), "--scene-style", "busy"])
+    assert "--scene-style" in capsys.readouterr().err
 
 
 def test_unreachable_density_is_skipped_and_runs_resume(checkpoint, tmp_path, capsys):

@@ -181,7 +181,9 @@ def run_suite_parallel(
     captions = options.get("captions", 4)
     count = captions if isinstance(captions, int) else len(captions)
     if isinstance(captions, int):
-        options["captions"] = eval_captions(count, **config.clip_settings())
+        settings = config.clip_settings(options.get("scene_style"))
+        options["captions"] = eval_captions(count, **settings)
+        options["scene_style"] = settings["scene_style"]  # what the shards record
     profile_path = out / "budget_profile.json"
     if any(get_strategy(n).calibrated for n in names):
         _suite.suite_profile(

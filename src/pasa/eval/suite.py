@@ -52,6 +52,7 @@ from pasa.eval.report import (
 from pasa.eval.strategies import STRATEGIES, get_strategy
 from pasa.profile import BudgetProfile
 from pasa.provenance import git_commit
+from pasa.testbed.scene import SCENE_STYLE_NAMES
 
 DENSITIES = (0.10, 0.15, 0.25)
 
@@ -135,6 +136,7 @@ def run_suite(
     command: str = "pasa eval",
     pairs: Sequence[tuple[int, int]] | None = None,
     budget_profile: str | Path | None = None,
+    scene_style: str | None = None,
 ) -> SuiteResult:
     """Run the suite and write its files (see the module docstring).
 
@@ -152,6 +154,9 @@ def run_suite(
             spread over several, :mod:`pasa.eval.parallel`); default: every pair.
         budget_profile: a recorded calibration profile to allocate from instead of recording
             one (copied into ``out_dir``); it must have ``steps`` steps.
+        scene_style: draw the held-out captions in this style instead of the checkpoint's own
+            (e.g. ``"bold"``: checkpoints trained on different styles judged on the same
+            captions); read when ``captions`` is a count, recorded either way.
     Raises:
         pasa.testbed.CheckpointError: a missing, truncated or foreign checkpoint.
         ValueError: an unknown strategy name, or ``resume`` onto results of other settings.
@@ -170,10 +175,9 @@ def run_suite(
     checkpoint = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
     model, config, record = load_model(checkpoint, device)
     size, frames = size or config.height, frames or config.frames
-    if isinstance(captions, int):
-        prompts = eval_captions(captions, **config.clip_settings())
-    else:
-        prompts = list(captions)
+    settings = config.clip_settings(scene_style)  # ValueError for an unknown style
+    drawn = isinstance(captions, int)
+    prompts = eval_captions(captions, **settings) if drawn else list(captions)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md = Path(results_md) if results_md is not None else out / "results.md"
@@ -186,6 +190,8 @@ def run_suite(
             "clip": f"{frames} frames x {size} x {size}",
             "steps": steps,
             "captions": len(prompts),
+            # the style the held-out captions were drawn in (None: prompts given)
+            "scene style": settings["scene_style"] if drawn or scene_style else None,
             "seeds": list(seeds),
             "densities": list(densities),
             "strategies": names,
@@ -345,6 +351,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", help="testbed checkpoint (default: the shipped one)")
     parser.add_argument("--captions", type=int, default=4, help="held-out captions (default 4)")
     parser.add_argument("--caption", action="append", help="a prompt instead (repeat for several)")
+    parser.add_argument(
+        "--scene-style",
+        choices=SCENE_STYLE_NAMES,
+        help="draw the held-out captions in this style (default: the checkpoint's own), e.g. "
+        "'bold' to judge checkpoints trained on different styles on the same captions",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES))
     parser.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), help="default: all")
@@ -388,6 +400,7 @@ def run_from_args(args: argparse.Namespace, command: str = "pasa eval") -> int:
         progress=not args.no_progress,
         resume=args.resume,
         command=command,
+        scene_style=args.scene_style,
     )
     try:
         devices = resolve_devices(args.devices) if args.devices else [args.device]
