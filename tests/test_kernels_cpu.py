@@ -238,9 +238,7 @@ def test_topk_window_values_read_in_place(chunk):
     old = route_triton._TOPK_CHUNK
     route_triton._TOPK_CHUNK = chunk or old
     try:
-        got = topk_plan(
-            scores, lo, hi, 9, forced=window.to(torch.int8), value=value.reshape(-1)
-        )
+        got = topk_plan(scores, lo, hi, 9, forced=window.to(torch.int8), value=value.reshape(-1))
         keys = scores + torch.where(window, value[:, :, None, None], 0.0)
         want = topk_plan(keys, lo, hi, 9)
     finally:
