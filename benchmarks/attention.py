@@ -141,7 +141,9 @@ def _estimate_route_parts(qt, kt, qg, kg, layout, config, density, time) -> dict
     estimate with Gumbel keys, top-k select, the local window forced or as configured);
     ``estimate_tau0`` the estimate without the Gumbel keys; ``estimate_g{g}`` the estimate at
     another group size, ``route_no_local`` routing with ``local_share=0``,
-    ``route_forced_window`` with the window forced in every head (``window_trust=None``) and
+    ``route_forced_window`` with the window forced in every head (``window_trust=None``),
+    ``route_trusted_window`` / ``route_soft_window`` with ``window_trust=0.7`` / ``window_bonus=1``
+    (their estimate writes the row share: ``estimate_with_share`` where the defaults skip it), and
     ``estimate_no_share`` the estimate without the row share that only top-p and the trusted
     window read. ``*_err`` = max |mass - fp32 torch
     reference| / (1e-3 |ref| + 1e-7): <= 1 is inside the test bound (random inputs give flat
@@ -193,7 +195,7 @@ def _estimate_route_parts(qt, kt, qg, kg, layout, config, density, time) -> dict
             )
             del qg_g, kg_g
     share, scores = estimate()
-    route = lambda cfg, share=share: route_from_scores(  # noqa: E731
+    route = lambda cfg, share=share, scores=scores: route_from_scores(  # noqa: E731
         share, scores, layout=layout, config=cfg, density=density
     )
     out["route"] = time(lambda: route(config))
@@ -202,6 +204,22 @@ def _estimate_route_parts(qt, kt, qg, kg, layout, config, density, time) -> dict
     # defaults), and the estimate without the share only top-p and window_trust read.
     forced = config.replace(window_trust=None, window_bonus=None)
     out["route_forced_window"] = time(lambda: route(forced))
+    # The trusted (0.7, the measured setting) and soft (bonus 1) windows, from an estimate that
+    # writes the share they read (timed as estimate_with_share when the defaults skip it).
+    if need_share:
+        share_w, scores_w = share, scores
+    else:
+        with_share = lambda: grouped_block_estimate(  # noqa: E731
+            qg, kg, routing=routing, need_share=True, **common
+        )
+        out["estimate_with_share"] = time(with_share)
+        share_w, scores_w = with_share()
+    for name, cfg in (
+        ("route_trusted_window", forced.replace(window_trust=0.7)),
+        ("route_soft_window", forced.replace(window_bonus=1.0)),
+    ):
+        out[name] = time(lambda cfg=cfg, sh=share_w, sc=scores_w: route(cfg, sh, sc))
+    del share_w, scores_w
     out["estimate_no_share"] = time(
         lambda: grouped_block_estimate(qg, kg, routing=routing, need_share=not top_k, **common)
     )
