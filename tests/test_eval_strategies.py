@@ -138,3 +138,10 @@ def test_recall_report_per_layer_and_per_time_average_the_same_recalls():
     assert len(per_head) == TINY.num_layers and len(per_head[0]) == TINY.num_heads
     for layer, heads in zip(per_layer, per_head, strict=True):
         assert abs(sum(heads) / len(heads) - layer) < 1e-3
+    assert report["scene_style"] == TINY.scene_style  # the checkpoint's own clips
+    few = attention_recall_report(
+        model, TINY, densities=(0.5,), times=(0.3,), num_clips=1, block_size=64, scene_style="few"
+    )
+    assert few["scene_style"] == "few" and few["mean"]["0.5"] != report["mean"]["0.5"]
+    with pytest.raises(ValueError, match="--scene-style"):
+        attention_recall_report(model, TINY, num_clips=1, scene_style="busy")

@@ -75,8 +75,10 @@ def attention_recall_report(
     num_clips: int = 1,
     data_seed: int = 10_000,
     block_size: int = 128,
+    scene_style: str | None = None,
 ) -> dict[str, Any]:
-    """Oracle block recall per layer on noised data clips (``config``: a ``TestbedConfig``).
+    """Oracle block recall per layer on noised data clips (``config``: a ``TestbedConfig``) of
+    the checkpoint's own scene style, or of ``scene_style`` (ValueError if it is none).
 
     Returns:
         ``{"densities": [...], "per_layer": {"0.1": [layer0, ...]}, "mean": {"0.1": x},
@@ -98,7 +100,7 @@ def attention_recall_report(
         height=config.height,
         width=config.width,
         device=device,
-        **config.clip_settings(),
+        **config.clip_settings(scene_style),
     )
     latents = pixels_to_latents(pixels, config.pixel_factor)
     text, _ = config.text_encoder()(captions, device=device)
@@ -126,6 +128,7 @@ def attention_recall_report(
                 by_time[d][t] = by_time[d].get(t, 0.0) + recall / len(layers)
     per_layer = {str(d): [round(v, 4) for v in sums[d]] for d in densities}
     return {
+        "scene_style": config.clip_settings(scene_style)["scene_style"],
         "grid": grid,
         "block_size": block_size,
         "times": list(times),
@@ -146,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pasa.provenance import git_commit
     from pasa.testbed.model import load_testbed
+    from pasa.testbed.scene import SCENE_STYLE_NAMES
 
     parser = argparse.ArgumentParser(prog="python -m pasa.eval.probe", description=main.__doc__)
     parser.add_argument("checkpoint")
@@ -153,12 +157,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clips", type=int, default=2)
     parser.add_argument("--times", type=float, nargs="+", default=[0.25, 0.5, 0.75],
                         help="noise levels t in (0, 1) (default 0.25 0.5 0.75)")  # fmt: skip
+    parser.add_argument("--scene-style", choices=SCENE_STYLE_NAMES,
+                        help="clips of this style (default: the checkpoint's own)")  # fmt: skip
     args = parser.parse_args(argv)
     if not all(0.0 < t < 1.0 for t in args.times):
         parser.error(f"--times must lie in (0, 1), got {args.times}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, config, record = load_testbed(args.checkpoint, device=device)
-    report = attention_recall_report(model, config, num_clips=args.clips, times=args.times)
+    report = attention_recall_report(
+        model, config, num_clips=args.clips, times=args.times, scene_style=args.scene_style
+    )
     report["training"] = record["training"]
     report["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     report["commit"] = git_commit()
