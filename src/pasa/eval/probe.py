@@ -91,6 +91,7 @@ def attention_recall_report(
     from pasa.testbed.flow import NUM_TRAIN_TIMESTEPS, noisy_input
     from pasa.testbed.model import pixels_to_latents
 
+    settings = config.clip_settings(scene_style)  # ValueError for an unknown style
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     pixels, captions = make_batch(
@@ -100,7 +101,7 @@ def attention_recall_report(
         height=config.height,
         width=config.width,
         device=device,
-        **config.clip_settings(scene_style),
+        **settings,
     )
     latents = pixels_to_latents(pixels, config.pixel_factor)
     text, _ = config.text_encoder()(captions, device=device)
@@ -128,7 +129,7 @@ def attention_recall_report(
                 by_time[d][t] = by_time[d].get(t, 0.0) + recall / len(layers)
     per_layer = {str(d): [round(v, 4) for v in sums[d]] for d in densities}
     return {
-        "scene_style": config.clip_settings(scene_style)["scene_style"],
+        "scene_style": settings["scene_style"],
         "grid": grid,
         "block_size": block_size,
         "times": list(times),

@@ -107,17 +107,10 @@ def route_from_scores(
         window = None
     if config.selection == "top_k":
         count = round(density * n)  # route.py's count rule, clamped per row in the kernel
+        value = None
         if routing.window is not None:  # a soft or trusted window: its values read in place
-            plan = topk_plan(
-                scores,
-                lo,
-                hi,
-                count,
-                forced=routing.window.view(torch.int8),
-                value=routing.value.reshape(-1),
-            )
-            return BlockPlan(*plan, layout)
-        return BlockPlan(*topk_plan(scores, lo, hi, count, forced=window), layout)
+            window, value = routing.window.view(torch.int8), routing.value.reshape(-1)
+        return BlockPlan(*topk_plan(scores, lo, hi, count, forced=window, value=value), layout)
     scores = routing.keys(scores)  # a soft or trusted window: in the keys (route.py)
     if window is not None:  # the local window's blocks are forced like the diagonal: +inf keys
         scores = scores.masked_fill(window.bool(), float("inf"))
