@@ -2,7 +2,7 @@
 
 On one GPU, random bf16 tensors of each scenario of ``attention.py``: PASA's whole
 ``sparse_attention`` at a density (estimate, routing, kernel) without an approximate branch, with
-group means and with the Taylor tail, and the branch alone on the same plan and kernel output.
+group means, with the Taylor tail and with the grouped Taylor tail, and the branch alone on the same plan and kernel output.
 Results: JSON under ``benchmarks/results/``.
 
     PYTHONPATH=src python benchmarks/approximate_cost.py --out benchmarks/results/approximate-cost-h200.json
@@ -24,7 +24,7 @@ from _diffusers_common import git_commit, write_json
 from attention import SCENARIOS, cuda_time_ms, environment
 
 import pasa
-from pasa.approximate import add_approximate_branch, add_taylor_branch
+from pasa.approximate import add_approximate_branch, add_grouped_taylor_branch, add_taylor_branch
 from pasa.backends.registry import get_backend
 
 
@@ -46,7 +46,8 @@ def measure(name: str, args: argparse.Namespace) -> dict:
     def timed(fn) -> float:
         return round(cuda_time_ms(fn, warmup=args.warmup, reps=args.reps), 3)
 
-    for label, approx in (("none", False), ("group_means", "group_means"), ("taylor", "taylor")):
+    labels = ("none", "group_means", "taylor", "grouped_taylor")
+    for label, approx in zip(labels, (False, *labels[1:]), strict=True):
         config = base.replace(approximate=approx)
         row[f"sparse_attention_{label}_ms"] = timed(
             lambda config=config: pasa.sparse_attention(
@@ -68,6 +69,9 @@ def measure(name: str, args: argparse.Namespace) -> dict:
     )
     row["taylor_branch_ms"] = timed(
         lambda: add_taylor_branch(qt, kt, vt, plan, out, lse, kernel=False)
+    )
+    row["grouped_taylor_branch_ms"] = timed(
+        lambda: add_grouped_taylor_branch(qt, kt, vt, plan, out, lse, group_size=base.group_size)
     )
     try:  # the Triton per-query kernel (the default on CUDA for half-precision inputs)
         row["taylor_branch_kernel_ms"] = timed(

@@ -59,6 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     ap.add_argument("--density", type=float, default=0.1)
     ap.add_argument("--captions", type=int, default=1)
+    ap.add_argument(
+        "--caption",
+        action="append",
+        default=None,
+        help="a prompt instead of the held-out captions (repeat for several)",
+    )
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--variants", nargs="+", default=None, help="strategies to compare (default: all)"
+    )
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--at-steps", type=int, nargs="+", default=[0, 5, 10, 15, 19])
     ap.add_argument("--size", type=int, default=None, help="default: the training size")
@@ -72,8 +82,13 @@ def main(argv: list[str] | None = None) -> int:
         "pasa": dict(config=pasa_config),
         "pasa_exact_blocks": dict(config=exact),
         "pasa_group_means": dict(config=pasa_config.replace(approximate="group_means")),
+        "pasa_grouped_taylor": dict(config=pasa_config.replace(approximate="grouped_taylor")),
         "static_window_time": dict(config=exact, plan_fn=get_strategy("static_window_time").plan_fn),
     }  # fmt: skip
+    unknown = set(args.variants or ()) - set(variants)
+    if unknown:
+        ap.error(f"unknown variants {sorted(unknown)}; choose from {sorted(variants)}")
+    variants = {name: variants[name] for name in args.variants or variants}
     rows: list[dict] = []
     current = {"caption": 0}  # the caption being sampled, for the rows
 
@@ -102,9 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         # Any density below 1 routes every video self-attention call through the processor.
         pasa.apply(model, pasa.PASAConfig(density=0.5))
         try:
-            for index, caption in enumerate(eval_captions(args.captions, **config.clip_settings())):
+            captions = args.caption or eval_captions(args.captions, **config.clip_settings())
+            for index, caption in enumerate(captions):
                 current["caption"] = index
-                sample(model, config, caption, seed=0, num_steps=args.steps, height=size,
+                sample(model, config, caption, seed=args.seed, num_steps=args.steps, height=size,
                        width=size)  # fmt: skip
         finally:
             pasa.remove(model)

@@ -1,5 +1,6 @@
-"""The approximate branches: the Taylor tail against a brute-force statement of its formula, its
-exactness for uniform attention, and how both branches leave dense plans and configs alone."""
+"""The approximate branches: the Taylor tail and the grouped Taylor tail against brute-force
+statements of their formulas, their exactness where the formulas say so, and how the branches
+leave dense plans and configs alone."""
 
 import math
 
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 
 import pasa
 from pasa import approximate
-from pasa.approximate import add_taylor_branch
+from pasa.approximate import add_approximate_branch, add_grouped_taylor_branch, add_taylor_branch
 from pasa.layout import make_layout
 from pasa.plan import BlockPlan
 
@@ -62,6 +63,47 @@ def taylor_by_rows(q, k, v, mask, bs):
     return out, merged
 
 
+def grouped_taylor_by_rows(q, k, v, mask, bs, gs):
+    """The grouped Taylor tail of every query, token by token: each left-out group (``gs``
+    consecutive tiled tokens) by its own mean logit and value, plus a second-order correction
+    from the keys' and values' spread inside their groups, pooled over the row."""
+    batch, seq, heads, dim = q.shape
+    s = dim**-0.5
+    exact, lse = exact_part(q, k, v, mask, bs)
+    out, merged = exact.clone(), lse.clone()
+    group = torch.arange(seq) // gs
+    first = torch.arange(0, seq, gs)  # each group's first token
+    for b in range(batch):
+        for h in range(heads):
+            kd, vd = k[b, :, h].double(), v[b, :, h].double()
+            sizes = torch.bincount(group).double()
+            kbar = torch.zeros(len(sizes), dim, dtype=torch.float64).index_add_(0, group, kd)
+            vbar = torch.zeros(len(sizes), dim, dtype=torch.float64).index_add_(0, group, vd)
+            kbar, vbar = kbar / sizes[:, None], vbar / sizes[:, None]
+            for r in range(mask.shape[2]):  # the queries of one block share their keys
+                left = ~mask[b, h, r].repeat_interleave(bs)[:seq]
+                rows = slice(r * bs, min(seq, (r + 1) * bs))
+                if not left.any():
+                    continue
+                qr = q[b, rows, h].double()  # (c, D)
+                gl = left[first]  # the left-out groups (blocks, so groups, leave out whole)
+                logits = s * qr @ kbar[gl].T + sizes[gl].log()  # (c, groups)
+                where = group[left]
+                kw, vw = kd[left] - kbar[where], vd[left] - vbar[where]
+                delta = s * qr @ kw.T  # (c, n): each key's logit about its group's
+                n = int(left.sum())
+                gain = 1 + (delta**2).sum(1) / n / 2
+                tail_lse = torch.logsumexp(logits, 1) + gain.log()
+                tail = torch.softmax(logits, 1) @ vbar[gl] + delta @ vw / n / gain[:, None]
+                m = torch.logaddexp(lse[b, h, rows], tail_lse)
+                out[b, rows, h] = (
+                    torch.exp(lse[b, h, rows] - m)[:, None] * exact[b, rows, h]
+                    + torch.exp(tail_lse - m)[:, None] * tail
+                )
+                merged[b, h, rows] = m
+    return out, merged
+
+
 def random_plan(layout, batch, heads, density, seed):
     gen = torch.Generator().manual_seed(seed)
     n = layout.num_blocks
@@ -90,6 +132,80 @@ def test_taylor_branch_matches_its_formula_row_by_row(monkeypatch, chunk):
     # The last query block keeps every key block: no tail, the exact result unchanged.
     last = slice((layout.num_blocks - 1) * bs, 495)
     torch.testing.assert_close(out[:, last], exact[:, last].float())
+
+
+@pytest.mark.parametrize(("gs", "chunk"), [(16, None), (32, 1), (64, None)])
+def test_grouped_taylor_branch_matches_its_formula_row_by_row(monkeypatch, gs, chunk):
+    # The ragged last block and group of the Taylor test (S = 495), groups of 16 to a whole block.
+    if chunk is not None:
+        monkeypatch.setattr(approximate, "_CHUNK_ELEMENTS", chunk)
+    grid, bs = (5, 9, 11), 64
+    layout = make_layout(grid, block_size=bs)
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 495, 3, 16, generator=gen) for _ in range(3))
+    plan, mask = random_plan(layout, 2, 3, 0.3, seed=7)
+    exact, lse = exact_part(q, k, v, mask, bs)
+    out, merged = add_grouped_taylor_branch(
+        q, k, v, plan, exact.float(), lse.float(), group_size=gs
+    )
+    want_out, want_lse = grouped_taylor_by_rows(q, k, v, mask, bs, gs)
+    torch.testing.assert_close(out, want_out.float(), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(merged, want_lse.float(), atol=2e-5, rtol=1e-5)
+    last = slice((layout.num_blocks - 1) * bs, 495)
+    torch.testing.assert_close(out[:, last], exact[:, last].float())
+
+
+def test_grouped_taylor_branch_is_exact_where_each_groups_keys_are_equal():
+    # Keys equal inside each 32-token group, values free: a group's tokens share one logit, so
+    # its mean logit and mean value give its attention exactly; the Taylor tail's single
+    # expansion about the row's mean does not. One-token groups are exact for any keys.
+    grid, bs, gs = (4, 16, 16), 128, 32
+    layout = make_layout(grid, block_size=bs)
+    gen = torch.Generator().manual_seed(8)
+    q, v = (torch.randn(1, 1024, 2, 32, generator=gen) for _ in range(2))
+    k = (2 * torch.randn(1, 1024 // gs, 2, 32, generator=gen)).repeat_interleave(gs, 1)
+    plan, mask = random_plan(layout, 1, 2, 0.2, seed=9)
+    exact, lse = exact_part(q, k, v, mask, bs)
+    full = sdpa(q.double(), k.double(), v.double())
+    grouped, _ = add_grouped_taylor_branch(q, k, v, plan, exact.float(), lse.float(), group_size=gs)
+    taylor, _ = add_taylor_branch(q, k, v, plan, exact.float(), lse.float())
+    torch.testing.assert_close(grouped.double(), full, atol=1e-5, rtol=1e-4)
+    assert float((taylor.double() - full).norm() / full.norm()) > 1e-2
+    k = 2 * torch.randn(1, 1024, 2, 32, generator=gen)
+    exact, lse = exact_part(q, k, v, mask, bs)
+    one, _ = add_grouped_taylor_branch(q, k, v, plan, exact.float(), lse.float(), group_size=1)
+    torch.testing.assert_close(one.double(), sdpa(q.double(), k.double(), v.double()),
+                               atol=1e-5, rtol=1e-4)  # fmt: skip
+
+
+def test_grouped_taylor_branch_keeps_far_heavy_groups_that_the_taylor_tail_misjudges():
+    # Light keys everywhere, and in each of eight blocks one 32-token group leaning on the
+    # direction the queries lean on, heavier block after block: a row's left-out logits spread by
+    # several units. The Taylor tail's one expansion about their mean misjudges those groups'
+    # weight; the grouped tail gives each its own logit and keeps its inner spread.
+    grid, bs, gs, dim = (4, 16, 16), 128, 32, 32
+    layout = make_layout(grid, block_size=bs)
+    gen = torch.Generator().manual_seed(8)
+    q, v = (torch.randn(1, 1024, 2, dim, generator=gen) for _ in range(2))
+    k = 0.3 * torch.randn(1, 1024, 2, dim, generator=gen)
+    u = torch.randn(dim, generator=gen)
+    u /= u.norm()
+    q += 2 * u
+    for b in range(8):
+        s0 = b * bs + (b % 4) * gs
+        k[:, s0 : s0 + gs] += (1 + b / 2) * u * dim**0.5 / 2
+        k[:, s0 : s0 + gs] += 0.3 * torch.randn(1, gs, 2, dim, generator=gen)
+    plan, mask = random_plan(layout, 1, 2, 0.2, seed=9)
+    exact, lse = exact_part(q, k, v, mask, bs)
+    full = sdpa(q.double(), k.double(), v.double())
+    exact, lse = exact.float(), lse.float()
+    outs = {
+        "group_means": add_approximate_branch(q, k, v, plan, exact, lse, group_size=gs)[0],
+        "taylor": add_taylor_branch(q, k, v, plan, exact, lse)[0],
+        "grouped_taylor": add_grouped_taylor_branch(q, k, v, plan, exact, lse, group_size=gs)[0],
+    }
+    errors = {name: float((o.double() - full).norm() / full.norm()) for name, o in outs.items()}
+    assert errors["grouped_taylor"] < min(0.5 * errors["taylor"], errors["group_means"])
 
 
 def test_taylor_branch_is_exact_for_uniform_attention():
@@ -136,6 +252,7 @@ def test_taylor_branch_leaves_dense_plans_alone():
 def test_approximate_setting_is_validated_and_true_means_group_means():
     assert pasa.PASAConfig(approximate=True).approximate == "group_means"
     assert pasa.PASAConfig(approximate="taylor").approximate == "taylor"
+    assert pasa.PASAConfig(approximate="grouped_taylor").approximate == "grouped_taylor"
     assert pasa.PASAConfig().approximate == "taylor"
     assert pasa.PASAConfig(approximate=False).approximate is False
     with pytest.raises(ValueError, match="approximate"):

@@ -44,6 +44,7 @@ def test_ablations_differ_from_pasa_in_one_field():
         "pasa_tau010": {"temperature": 0.1},
         "pasa_no_curvature": {"budget": "fixed"},
         "pasa_approximate": {"approximate": "group_means"},
+        "pasa_grouped_taylor": {"approximate": "grouped_taylor"},
         "pasa_no_approximate": {"approximate": False},
     }
     for name, fields in changed.items():

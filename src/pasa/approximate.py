@@ -8,6 +8,9 @@ no query is ever left without the context it did not compute exactly:
   stands for its ``n_b`` tokens) and pooled value ``v̄_b``.
 - ``"taylor"`` (:func:`add_taylor_branch`): the row's left-out keys and values through their
   first and second moments, ``exp`` expanded to second order about the mean logit.
+- ``"grouped_taylor"`` (:func:`add_grouped_taylor_branch`): both at once. Each left-out group
+  enters with its own logit (as group means), and ``exp`` is expanded to second order only about
+  each group's mean, through the spread of the keys and values inside their groups.
 """
 
 from __future__ import annotations
@@ -189,6 +192,91 @@ def add_taylor_branch(
         return result, result_lse
     out = result.unflatten(0, (batch, heads)).transpose(1, 2)
     return out, result_lse.unflatten(0, (batch, heads))
+
+
+def add_grouped_taylor_branch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: BlockPlan,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    group_size: int,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge a two-level estimate of attention over the unselected blocks: group means between
+    groups, a second-order Taylor expansion inside them.
+
+    The Taylor tail expands ``exp`` about the mean logit of all of a row's left-out keys. When
+    those keys mix a few heavy ones (another object the query's head follows) with many light
+    ones, their logits spread by several units and the expansion, exact to second order only,
+    misjudges both the tail's mass and its value. Group means keep the heavy groups' own logits
+    but lose every group's inner spread. Here, for a query ``q`` and a row's left-out groups
+    ``g`` (``n_g`` tokens, means ``k̄_g, v̄_g``; ``n`` tokens in all):
+
+        mass  ≈ Σ_g n_g e^(s q·k̄_g) · (1 + s² qᵀWq / 2n)
+        value ≈ softmax_g(s q·k̄_g + log n_g) · v̄_g + s qᵀY / n / (1 + s² qᵀWq / 2n)
+
+    with ``W = Σ (k_i − k̄_g)(k_i − k̄_g)ᵀ`` and ``Y = Σ (k_i − k̄_g)(v_i − v̄_g)ᵀ`` summed over
+    the row's left-out tokens: the keys' and values' scatter inside their groups, pooled over the
+    row (one ``D × D`` pair a row, as the Taylor tail's), so the inner correction assumes every
+    left-out group spreads alike. It is exact where each group's keys are equal (any values),
+    and with one-token groups; it costs group means' ``O(S · NG · D)`` plus the Taylor tail's
+    moments. Torch only (no Triton kernel yet).
+
+    Args and returns as :func:`add_approximate_branch`.
+    """
+    batch, seq, heads, dim = q.shape
+    bs = plan.layout.block_size
+    nk = plan.num_kv_blocks
+    per_block = bs // group_size
+    scale = dim**-0.5 if scale is None else scale
+    pad = nk * bs - seq
+    kg, counts = group_pool(k, group_size)  # (B, H, NG, D), (NG,)
+    vg, _ = group_pool(v, group_size)
+    num_groups = kg.shape[2]
+    group_of = torch.arange(seq, device=q.device) // group_size
+    block_counts = torch.nn.functional.pad(counts, (0, nk * per_block - num_groups))
+    block_counts = block_counts.view(nk, per_block).sum(1)  # (Nk,)
+    group_block = torch.arange(num_groups, device=q.device) // per_block
+    mask = plan.to_dense_mask().flatten(0, 1)  # (G, Nq, Nk)
+    kg, vg = kg.flatten(0, 1), vg.flatten(0, 1)  # (G, NG, D)
+    qf, kf, vf = (x.float().transpose(1, 2).flatten(0, 1) for x in (q, k, v))  # (G, S, D)
+    out = out.float().transpose(1, 2).flatten(0, 1).clone()  # (G, S, D)
+    lse = lse.flatten(0, 1).clone()  # (G, S)
+
+    def by_block(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (0, 0, 0, pad)).unflatten(1, (nk, bs))
+
+    groups = batch * heads
+    step = max(1, _CHUNK_ELEMENTS // (nk * max(dim * dim, bs * num_groups)))
+    for g0 in range(0, groups, step):
+        g1 = min(groups, g0 + step)
+        # Keys and values about their group's mean; the padding stays zero.
+        kw = by_block(kf[g0:g1] - kg[g0:g1][:, group_of])  # (g, Nk, bs, D)
+        vw = by_block(vf[g0:g1] - vg[g0:g1][:, group_of])
+        un = (~mask[g0:g1]).float()  # (g, Nq, Nk)
+        n = un @ block_counts  # (g, Nq)
+        inv_n = 1.0 / n.clamp_min(1.0)
+        row_w = (un @ (kw.transpose(-1, -2) @ kw).flatten(-2)).unflatten(-1, (dim, dim))
+        row_y = (un @ (kw.transpose(-1, -2) @ vw).flatten(-2)).unflatten(-1, (dim, dim))
+        qb = by_block(qf[g0:g1])  # (g, Nq, bs, D)
+        quad = ((qb @ row_w) * qb).sum(-1).clamp_min(0.0)  # (g, Nq, bs)
+        gain = 1.0 + (scale * scale / 2) * quad * inv_n[..., None]
+        inner = (qb @ row_y) * (scale * inv_n[..., None] / gain)[..., None]  # (g, Nq, bs, D)
+        # Between groups: one logit per left-out group, as group means.
+        logits = qb @ kg[g0:g1, None].transpose(-1, -2) * scale + counts.log()  # (g,Nq,bs,NG)
+        logits = logits.masked_fill(mask[g0:g1][..., group_block].unsqueeze(2), float("-inf"))
+        coarse_lse = torch.logsumexp(logits, -1)  # (g, Nq, bs), -inf where all was exact
+        coarse = torch.softmax(logits, -1).nan_to_num(0.0) @ vg[g0:g1, None]  # (g, Nq, bs, D)
+        tail_lse = (coarse_lse + gain.log()).flatten(1)[:, :seq]
+        tail = (coarse + inner).flatten(1, 2)[:, :seq]
+        merged = torch.logaddexp(lse[g0:g1], tail_lse)
+        out[g0:g1].lerp_(tail, torch.exp(tail_lse - merged).nan_to_num(0.0).unsqueeze(-1))
+        lse[g0:g1] = merged
+    out = out.unflatten(0, (batch, heads)).transpose(1, 2)
+    return out, lse.unflatten(0, (batch, heads))
 
 
 def _taylor_kernel_applies(q: torch.Tensor, out: torch.Tensor) -> bool:

@@ -8,11 +8,11 @@ from typing import Literal
 
 Selection = Literal["top_p", "top_k"]
 BudgetMode = Literal["fixed", "online", "profile"]
-Approximation = Literal["group_means", "taylor"]
+Approximation = Literal["group_means", "taylor", "grouped_taylor"]
 
 SELECTIONS = ("top_p", "top_k")
 BUDGET_MODES = ("fixed", "online", "profile")
-APPROXIMATIONS = ("group_means", "taylor")
+APPROXIMATIONS = ("group_means", "taylor", "grouped_taylor")
 BACKENDS = ("auto", "reference", "flex", "fa4")
 GROUP_SIZES_HINT = "a divisor of block_size that is a multiple of 16 (16, 32, 64, ...)"
 

@@ -55,6 +55,9 @@ pasa_no_approximate       PASA without the approximate branch: exact blocks only
                           before the Taylor tail)
 pasa_approximate          PASA with the group-mean branch (DESIGN.md section 4) in place of the
                           Taylor tail
+pasa_grouped_taylor       PASA with the grouped Taylor tail: each left-out group by its own mean
+                          logit, exp to second order only inside the groups
+                          (approximate = "grouped_taylor")
 window_taylor             the static window stretched in time plus the Taylor tail, fixed budget
 pasa_top_p                PASA with top-p rows (one coverage p per call) instead of top-k
 ========================  ========================================================================
@@ -241,6 +244,9 @@ STRATEGIES: dict[str, Strategy] = {
                  _pasa(approximate=False), calibrated=True),
         Strategy("pasa_approximate", "PASA with group means instead of the Taylor tail",
                  _pasa(approximate="group_means"), calibrated=True),
+        Strategy("pasa_grouped_taylor",
+                 "PASA with the grouped Taylor tail (group logits, second order inside groups)",
+                 _pasa(approximate="grouped_taylor"), calibrated=True),
         Strategy("window_taylor",
                  "the static window stretched in time plus the Taylor tail (fixed budget)",
                  _pasa(approximate="taylor"),
