@@ -88,7 +88,9 @@ class PASAConfig:
             with the exact part: ``"taylor"`` (the default: the left-out keys' and values'
             moments, ``exp`` to second order about their mean logit; exact for a head that
             attends uniformly), ``"group_means"`` (one pooled key and value per group,
-            DESIGN.md's branch; True means this) or False (exact blocks only). On the testbed
+            DESIGN.md's branch; True means this), ``"grouped_taylor"`` (group logits, ``exp``
+            to second order inside the groups; torch only, an option: on run 6's testbed it
+            wins two of four captions and loses one by 5-7 dB) or False (exact blocks only). On the testbed
             the Taylor tail raised PSNR against dense from 15.6 / 18.5 / 21.7 to 21.4 / 22.9 /
             25.0 dB at densities 0.10 / 0.15 / 0.25 and took flicker from above dense's to below
             it; group means lost 5 dB (docs/results.md). See :mod:`pasa.approximate`.
