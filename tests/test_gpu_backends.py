@@ -294,13 +294,14 @@ def test_sparse_attention_cuda_end_to_end(backend):
     assert lse.shape == (2, 3, q.shape[1])
 
 
+@pytest.mark.parametrize("approximate", ["taylor", "grouped_taylor", "group_means"])
 @pytest.mark.parametrize("backend", ["flex", "reference"])
-def test_taylor_branch_on_cuda_matches_the_cpu(backend):
-    """approximate="taylor" on CUDA (bf16 inputs, the kernel's LSE) = the CPU's fp32 reference
-    on the same plan."""
+def test_approximate_branches_on_cuda_match_the_cpu(backend, approximate):
+    """Each approximate branch on CUDA (bf16 inputs, the kernel's LSE; the Taylor tail's Triton
+    kernel) = the CPU's fp32 reference on the same plan."""
     grid, text = CASES[0]
     q, k, v = _inputs(grid, text, torch.bfloat16)
-    config = pasa.PASAConfig(density=0.3, backend=backend, approximate="taylor")
+    config = pasa.PASAConfig(density=0.3, backend=backend, approximate=approximate)
     plan = pasa.plan_blocks(q, k, grid=grid, config=config, num_text_tokens=text)
     out = pasa.sparse_attention(q, k, v, grid=grid, config=config, num_text_tokens=text, plan=plan)
     cpu_layout = make_layout(grid, num_text_tokens=text)
