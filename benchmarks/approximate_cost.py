@@ -2,7 +2,8 @@
 
 On one GPU, random bf16 tensors of each scenario of ``attention.py``: PASA's whole
 ``sparse_attention`` at a density (estimate, routing, kernel) without an approximate branch, with
-group means, with the Taylor tail and with the grouped Taylor tail, and the branch alone on the same plan and kernel output.
+group means, with the Taylor tail and with the grouped Taylor tail, and each branch alone on the
+same plan and kernel output.
 Results: JSON under ``benchmarks/results/``.
 
     PYTHONPATH=src python benchmarks/approximate_cost.py --out benchmarks/results/approximate-cost-h200.json

@@ -57,16 +57,33 @@ def add_approximate_branch(
     for s0 in range(0, seq, rows):
         s1 = min(seq, s0 + rows)
         qblock = torch.arange(s0, s1, device=q.device) // bs  # (c,)
-        logits = qf[:, :, s0:s1] @ kg.transpose(-1, -2) * scale + counts.log()  # (B, H, c, NG)
-        logits = logits.masked_fill(selected[:, :, qblock], float("-inf"))
-        coarse_lse = torch.logsumexp(logits, -1)  # (B, H, c), -inf where all blocks were exact
-        coarse = torch.softmax(logits, -1).nan_to_num(0.0) @ vg  # (B, H, c, D)
+        # coarse_lse (B, H, c), coarse (B, H, c, D)
+        coarse_lse, coarse = _group_tail(
+            qf[:, :, s0:s1], kg, vg, counts, selected[:, :, qblock], scale
+        )
         merged = torch.logaddexp(lse[:, :, s0:s1], coarse_lse)
         w_exact = torch.exp(lse[:, :, s0:s1] - merged).unsqueeze(-1)
         w_coarse = torch.exp(coarse_lse - merged).unsqueeze(-1)
         out[:, :, s0:s1] = w_exact * out[:, :, s0:s1] + w_coarse * coarse
         lse[:, :, s0:s1] = merged
     return out.transpose(1, 2), lse
+
+
+def _group_tail(
+    q: torch.Tensor,
+    kg: torch.Tensor,
+    vg: torch.Tensor,
+    counts: torch.Tensor,
+    excluded: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-means attention of queries ``q (..., c, D)`` over pooled keys and values ``kg, vg
+    (..., NG, D)``, each group standing for its ``counts`` tokens, the groups where ``excluded``
+    (broadcast to ``(..., c, NG)``) left out: the LSE ``(..., c)``, ``-inf`` where every group
+    was excluded, and the values ``(..., c, D)``, zero there."""
+    logits = q @ kg.transpose(-1, -2) * scale + counts.log()
+    logits = logits.masked_fill(excluded, float("-inf"))
+    return torch.logsumexp(logits, -1), torch.softmax(logits, -1).nan_to_num(0.0) @ vg
 
 
 def add_taylor_branch(
@@ -268,11 +285,12 @@ def add_grouped_taylor_branch(
         quad = ((qb @ row_w) * qb).sum(-1).clamp_min(0.0)  # (g, Nq, bs)
         gain = 1.0 + (scale * scale / 2) * quad * inv_n[..., None]
         inner = (qb @ row_y) * (scale * inv_n[..., None] / gain)[..., None]  # (g, Nq, bs, D)
-        # Between groups: one logit per left-out group, as group means.
-        logits = qb @ kg[g0:g1, None].transpose(-1, -2) * scale + counts.log()  # (g,Nq,bs,NG)
-        logits = logits.masked_fill(mask[g0:g1][..., group_block].unsqueeze(2), float("-inf"))
-        coarse_lse = torch.logsumexp(logits, -1)  # (g, Nq, bs), -inf where all was exact
-        coarse = torch.softmax(logits, -1).nan_to_num(0.0) @ vg[g0:g1, None]  # (g, Nq, bs, D)
+        # Between groups: one logit per left-out group, as group means; coarse_lse (g, Nq, bs),
+        # coarse (g, Nq, bs, D).
+        excluded = mask[g0:g1][..., group_block].unsqueeze(2)  # (g, Nq, 1, NG)
+        coarse_lse, coarse = _group_tail(
+            qb, kg[g0:g1, None], vg[g0:g1, None], counts, excluded, scale
+        )
         tail_lse = (coarse_lse + gain.log()).flatten(1)[:, :seq]
         tail = (coarse + inner).flatten(1, 2)[:, :seq]
         merged = torch.logaddexp(lse[g0:g1], tail_lse)

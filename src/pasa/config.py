@@ -90,10 +90,11 @@ class PASAConfig:
             attends uniformly), ``"group_means"`` (one pooled key and value per group,
             DESIGN.md's branch; True means this), ``"grouped_taylor"`` (group logits, ``exp``
             to second order inside the groups; torch only, an option: on run 6's testbed it
-            wins two of four captions and loses one by 5-7 dB) or False (exact blocks only). On the testbed
-            the Taylor tail raised PSNR against dense from 15.6 / 18.5 / 21.7 to 21.4 / 22.9 /
-            25.0 dB at densities 0.10 / 0.15 / 0.25 and took flicker from above dense's to below
-            it; group means lost 5 dB (docs/results.md). See :mod:`pasa.approximate`.
+            wins two of four captions and loses one by 5-7 dB) or False (exact blocks only).
+            On the testbed the Taylor tail raised PSNR against dense from 15.6 / 18.5 / 21.7 to
+            21.4 / 22.9 / 25.0 dB at densities 0.10 / 0.15 / 0.25 and took flicker from above
+            dense's to below it; group means lost 5 dB on that checkpoint (runs 1-2;
+            docs/results.md). See :mod:`pasa.approximate`.
         backend: ``"auto"``, ``"reference"``, ``"flex"`` or ``"fa4"``.
         check_finite: reject NaN / Inf inputs (judged from the estimate's group means for q and k
             and one min / max of v; one host sync per call, per model call under ``pasa.apply``).
