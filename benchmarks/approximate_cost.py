@@ -2,8 +2,8 @@
 
 On one GPU, random bf16 tensors of each scenario of ``attention.py``: PASA's whole
 ``sparse_attention`` at a density (estimate, routing, kernel) without an approximate branch, with
-group means, with the Taylor tail and with the grouped Taylor tail, and each branch alone on the
-same plan and kernel output.
+group means, with the Taylor tail, the grouped Taylor tail and the principal tail, and each branch
+alone on the same plan and kernel output.
 Results: JSON under ``benchmarks/results/``.
 
     PYTHONPATH=src python benchmarks/approximate_cost.py --out benchmarks/results/approximate-cost-h200.json
@@ -25,7 +25,12 @@ from _diffusers_common import git_commit, write_json
 from attention import SCENARIOS, cuda_time_ms, environment
 
 import pasa
-from pasa.approximate import add_approximate_branch, add_grouped_taylor_branch, add_taylor_branch
+from pasa.approximate import (
+    add_approximate_branch,
+    add_grouped_taylor_branch,
+    add_principal_branch,
+    add_taylor_branch,
+)
 from pasa.backends.registry import get_backend
 
 
@@ -47,7 +52,7 @@ def measure(name: str, args: argparse.Namespace) -> dict:
     def timed(fn) -> float:
         return round(cuda_time_ms(fn, warmup=args.warmup, reps=args.reps), 3)
 
-    labels = ("none", "group_means", "taylor", "grouped_taylor")
+    labels = ("none", "group_means", "taylor", "grouped_taylor", "principal")
     for label, approx in zip(labels, (False, *labels[1:]), strict=True):
         config = base.replace(approximate=approx)
         row[f"sparse_attention_{label}_ms"] = timed(
@@ -73,6 +78,9 @@ def measure(name: str, args: argparse.Namespace) -> dict:
     )
     row["grouped_taylor_branch_ms"] = timed(
         lambda: add_grouped_taylor_branch(qt, kt, vt, plan, out, lse, group_size=base.group_size)
+    )
+    row["principal_branch_ms"] = timed(
+        lambda: add_principal_branch(qt, kt, vt, plan, out, lse, group_size=base.group_size)
     )
     try:  # the Triton per-query kernel (the default on CUDA for half-precision inputs)
         row["taylor_branch_kernel_ms"] = timed(

@@ -10,7 +10,12 @@ import torch.nn.functional as F
 
 import pasa
 from pasa import approximate
-from pasa.approximate import add_approximate_branch, add_grouped_taylor_branch, add_taylor_branch
+from pasa.approximate import (
+    add_approximate_branch,
+    add_grouped_taylor_branch,
+    add_principal_branch,
+    add_taylor_branch,
+)
 from pasa.layout import make_layout
 from pasa.plan import BlockPlan
 
@@ -101,6 +106,41 @@ def grouped_taylor_by_rows(q, k, v, mask, bs, gs):
                     + torch.exp(tail_lse - m)[:, None] * tail
                 )
                 merged[b, h, rows] = m
+    return out, merged
+
+
+def per_group_taylor_by_rows(q, k, v, mask, bs, gs):
+    """Every query's tail expanded to second order about each left-out group's own mean, token
+    by token: what the principal tail computes at full rank."""
+    batch, seq, heads, dim = q.shape
+    s = dim**-0.5
+    exact, lse = exact_part(q, k, v, mask, bs)
+    out, merged = exact.clone(), lse.clone()
+    group = torch.arange(seq) // gs
+    for b in range(batch):
+        for h in range(heads):
+            kd, vd = k[b, :, h].double(), v[b, :, h].double()
+            for i in range(seq):
+                left = ~mask[b, h, i // bs].repeat_interleave(bs)[:seq]
+                if not left.any():
+                    continue
+                qi = q[b, i, h].double()
+                logits, values = [], []
+                for g in group[left].unique():
+                    kk, vv = kd[group == g], vd[group == g]
+                    kbar, vbar = kk.mean(0), vv.mean(0)
+                    delta = s * (kk - kbar) @ qi  # each key's logit about its group's
+                    gain = 1 + (delta**2).mean() / 2
+                    logits.append(s * qi @ kbar + math.log(len(kk)) + gain.log())
+                    values.append(vbar + (delta[:, None] * (vv - vbar)).mean(0) / gain)
+                logits = torch.stack(logits)
+                tail_lse = torch.logsumexp(logits, 0)
+                tail = torch.softmax(logits, 0) @ torch.stack(values)
+                m = torch.logaddexp(lse[b, h, i], tail_lse)
+                out[b, i, h] = (
+                    torch.exp(lse[b, h, i] - m) * exact[b, i, h] + torch.exp(tail_lse - m) * tail
+                )
+                merged[b, h, i] = m
     return out, merged
 
 
@@ -206,6 +246,84 @@ def test_grouped_taylor_branch_keeps_far_heavy_groups_that_the_taylor_tail_misju
     }
     errors = {name: float((o.double() - full).norm() / full.norm()) for name, o in outs.items()}
     assert errors["grouped_taylor"] < min(0.5 * errors["taylor"], errors["group_means"])
+
+
+@pytest.mark.parametrize(("gs", "chunk"), [(16, None), (32, 1)])
+def test_principal_branch_at_full_rank_matches_the_per_group_expansion_row_by_row(
+    monkeypatch, gs, chunk
+):
+    # The ragged case of the Taylor tests (S = 495): at rank = head size the principal tail is
+    # the second-order expansion about each left-out group's own mean, with its own scatter.
+    if chunk is not None:
+        monkeypatch.setattr(approximate, "_CHUNK_ELEMENTS", chunk)
+    grid, bs = (5, 9, 11), 64
+    layout = make_layout(grid, block_size=bs)
+    gen = torch.Generator().manual_seed(10)
+    q, k, v = (torch.randn(2, 495, 3, 16, generator=gen) for _ in range(3))
+    plan, mask = random_plan(layout, 2, 3, 0.3, seed=11)
+    exact, lse = exact_part(q, k, v, mask, bs)
+    out, merged = add_principal_branch(
+        q, k, v, plan, exact.float(), lse.float(), group_size=gs, rank=16
+    )
+    want_out, want_lse = per_group_taylor_by_rows(q, k, v, mask, bs, gs)
+    torch.testing.assert_close(out, want_out.float(), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(merged, want_lse.float(), atol=2e-5, rtol=1e-5)
+    last = slice((layout.num_blocks - 1) * bs, 495)
+    torch.testing.assert_close(out[:, last], exact[:, last].float())
+
+
+def test_principal_branch_at_low_rank_is_the_full_expansion_where_groups_vary_in_few_directions():
+    # Each 32-token group's keys leave their mean along two directions of its own: rank 2 finds
+    # them and equals the per-group expansion written out token by token; rank 1 does not.
+    grid, bs, gs, dim = (2, 16, 16), 128, 32, 32
+    layout = make_layout(grid, block_size=bs)
+    gen = torch.Generator().manual_seed(12)
+    q, v = (torch.randn(1, 512, 2, dim, generator=gen) for _ in range(2))
+    groups = 512 // gs
+    means = torch.randn(1, groups, 1, 2, dim, generator=gen)
+    directions = torch.randn(1, groups, 2, 2, dim, generator=gen)  # two per group and head
+    coefficients = torch.randn(1, groups, gs, 2, 2, generator=gen)
+    k = means + torch.einsum("bgtrh,bgrhd->bgthd", coefficients, directions).div(3)
+    k = k.flatten(1, 2)  # (1, 512, 2, dim)
+    plan, mask = random_plan(layout, 1, 2, 0.3, seed=13)
+    exact, lse = exact_part(q, k, v, mask, bs)
+    want, _ = per_group_taylor_by_rows(q, k, v, mask, bs, gs)
+    exact, lse = exact.float(), lse.float()
+    two, _ = add_principal_branch(q, k, v, plan, exact, lse, group_size=gs, rank=2)
+    one, _ = add_principal_branch(q, k, v, plan, exact, lse, group_size=gs, rank=1)
+    torch.testing.assert_close(two, want.float(), atol=2e-5, rtol=1e-4)
+    assert (one - want.float()).abs().max() > 1e-3
+
+
+def test_principal_branch_is_exact_where_each_groups_keys_are_equal():
+    # As the grouped Taylor tail: equal keys inside each group (any values), or one-token groups.
+    grid, bs, gs = (4, 16, 16), 128, 32
+    layout = make_layout(grid, block_size=bs)
+    gen = torch.Generator().manual_seed(14)
+    q, v = (torch.randn(1, 1024, 2, 32, generator=gen) for _ in range(2))
+    k = (2 * torch.randn(1, 1024 // gs, 2, 32, generator=gen)).repeat_interleave(gs, 1)
+    plan, mask = random_plan(layout, 1, 2, 0.2, seed=15)
+    exact, lse = exact_part(q, k, v, mask, bs)
+    full = sdpa(q.double(), k.double(), v.double())
+    out, _ = add_principal_branch(q, k, v, plan, exact.float(), lse.float(), group_size=gs)
+    torch.testing.assert_close(out.double(), full, atol=1e-5, rtol=1e-4)
+    k = 2 * torch.randn(1, 1024, 2, 32, generator=gen)
+    exact, lse = exact_part(q, k, v, mask, bs)
+    one, _ = add_principal_branch(q, k, v, plan, exact.float(), lse.float(), group_size=1)
+    torch.testing.assert_close(one.double(), sdpa(q.double(), k.double(), v.double()),
+                               atol=1e-5, rtol=1e-4)  # fmt: skip
+
+
+def test_principal_branch_refuses_a_rank_outside_the_head_size():
+    grid, bs = (2, 8, 8), 32
+    layout = make_layout(grid, block_size=bs)
+    q = k = v = torch.randn(1, 128, 1, 16)
+    plan, mask = random_plan(layout, 1, 1, 0.3, seed=0)
+    exact, lse = exact_part(q, k, v, mask, bs)
+    for rank in (0, 17, 2.0):
+        with pytest.raises(ValueError, match="rank must be an int from 1 to the head size 16"):
+            add_principal_branch(q, k, v, plan, exact.float(), lse.float(), group_size=16,
+                                 rank=rank)  # fmt: skip
 
 
 def test_taylor_branch_is_exact_for_uniform_attention():

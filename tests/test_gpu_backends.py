@@ -294,7 +294,7 @@ def test_sparse_attention_cuda_end_to_end(backend):
     assert lse.shape == (2, 3, q.shape[1])
 
 
-@pytest.mark.parametrize("approximate", ["taylor", "grouped_taylor", "group_means"])
+@pytest.mark.parametrize("approximate", ["taylor", "grouped_taylor", "group_means", "principal"])
 @pytest.mark.parametrize("backend", ["flex", "reference"])
 def test_approximate_branches_on_cuda_match_the_cpu(backend, approximate):
     """Each approximate branch on CUDA (bf16 inputs, the kernel's LSE; the Taylor tail's Triton

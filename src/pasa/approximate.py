@@ -21,6 +21,7 @@ from pasa.estimate import group_pool
 from pasa.plan import BlockPlan
 
 _CHUNK_ELEMENTS = 32 * 1024 * 1024
+PRINCIPAL_RANK = 4
 
 
 def add_approximate_branch(
@@ -298,6 +299,132 @@ def add_grouped_taylor_branch(
         lse[g0:g1] = merged
     out = out.unflatten(0, (batch, heads)).transpose(1, 2)
     return out, lse.unflatten(0, (batch, heads))
+
+
+def add_principal_branch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: BlockPlan,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    group_size: int,
+    rank: int = PRINCIPAL_RANK,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge an estimate of attention over the unselected blocks that expands ``exp`` to second
+    order about each left-out group's own mean, along that group's principal key directions.
+
+    For a query ``q`` and a left-out group ``g`` (``n_g`` tokens, means ``k̄_g, v̄_g``), with
+    ``u_1 … u_r`` the group's ``r`` leading key directions (orthonormal eigenvectors of its key
+    scatter ``W_g = Σ (k_i − k̄_g)(k_i − k̄_g)ᵀ``, eigenvalues ``λ_j``), ``z_j = Σ (u_j·(k_i −
+    k̄_g)) (v_i − v̄_g)`` and ``p_j = s u_j·q``:
+
+        mass_g  ≈ n_g e^(s q·k̄_g) · (1 + Σ_j λ_j p_j² / 2n_g)
+        value_g ≈ v̄_g + Σ_j p_j z_j / n_g / (1 + Σ_j λ_j p_j² / 2n_g)
+
+    and the tail is the mass-weighted mixture of the groups' values. At ``r = D`` this is the
+    second-order expansion about each group's own mean with its own key scatter and key-value
+    scatter; ``r`` leading directions make it cost about ``2r + 2`` times group means'
+    ``O(S·NG·D)``. Group means lose each group's spread; the Taylor tail expands about one mean
+    for the whole row, wrong when the row's left-out logits spread by several units; the
+    grouped Taylor tail pools the spread over the row. This keeps the groups' own logits and,
+    along the directions that carry most of it, their own spread. It is exact where each
+    group's keys are equal (any values), with one-token groups, and where every group's keys
+    leave their mean within ``r`` directions.
+
+    The directions come from three rounds of subspace iteration on the keys about their group
+    mean (``W_g`` is never formed), from a fixed start, then a Rayleigh-Ritz step: the result
+    is deterministic.
+
+    Args and returns as :func:`add_approximate_branch`; ``rank``: directions per group, from 1
+    to the head size.
+    """
+    batch, seq, heads, dim = q.shape
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= dim:
+        raise ValueError(f"rank must be an int from 1 to the head size {dim}, got {rank!r}")
+    bs = plan.layout.block_size
+    per_block = bs // group_size
+    scale = dim**-0.5 if scale is None else scale
+    kg, counts = group_pool(k, group_size)  # (B, H, NG, D), (NG,)
+    vg, _ = group_pool(v, group_size)
+    num_groups = kg.shape[2]
+    pad = num_groups * group_size - seq
+    group_block = torch.arange(num_groups, device=q.device) // per_block
+    mask = plan.to_dense_mask().flatten(0, 1)  # (G, Nq, Nk)
+    kg, vg = kg.flatten(0, 1), vg.flatten(0, 1)  # (G, NG, D)
+    qf = q.float().transpose(1, 2).flatten(0, 1)  # (G, S, D)
+    out = out.float().transpose(1, 2).flatten(0, 1).clone()  # (G, S, D)
+    lse = lse.flatten(0, 1).clone()  # (G, S)
+    log_counts = counts.log()
+    start = _subspace_start(group_size, rank, q.device)  # (gs, r)
+
+    def about_means(x: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+        """``(g, S, D)`` as ``(g, NG, gs, D)`` fp32 about its group ``means``, padding zero."""
+        x = torch.nn.functional.pad(x.float(), (0, 0, 0, pad)).unflatten(1, (num_groups, -1))
+        x = x - means[:, :, None]
+        if pad:
+            x[:, -1, group_size - pad :] = 0
+        return x
+
+    groups = batch * heads
+    step = max(1, _CHUNK_ELEMENTS // (num_groups * group_size * dim))
+    for g0 in range(0, groups, step):
+        g1 = min(groups, g0 + step)
+        by_head = (x.transpose(1, 2).flatten(0, 1)[g0:g1] for x in (k, v))
+        kw, vw = (about_means(x, m[g0:g1]) for x, m in zip(by_head, (kg, vg), strict=True))
+        basis = kw.transpose(-1, -2) @ start  # (g, NG, D, r)
+        for _ in range(3):
+            basis = _orthonormal(kw.transpose(-1, -2) @ (kw @ basis))
+        coords = kw @ basis  # (g, NG, gs, r): the keys about their mean, in the basis
+        eigenvalues, rotation = torch.linalg.eigh(coords.transpose(-1, -2) @ coords)
+        basis, coords = basis @ rotation, coords @ rotation  # Rayleigh-Ritz
+        cross = (coords.transpose(-1, -2) @ vw).flatten(1, 2)  # (g, NG * r, D): the z_j
+        basis = basis.permute(0, 2, 1, 3).flatten(2)  # (g, D, NG * r)
+        half_weights = eigenvalues.clamp_min(0.0) / (2.0 * counts[:, None])  # (g, NG, r)
+        rows = max(bs, (_CHUNK_ELEMENTS // ((g1 - g0) * num_groups * rank)) // bs * bs)
+        for s0 in range(0, seq, rows):
+            s1 = min(seq, s0 + rows)
+            qc = qf[g0:g1, s0:s1]  # (g, c, D)
+            p = (scale * qc @ basis).unflatten(-1, (num_groups, rank))  # (g, c, NG, r)
+            gain = 1.0 + (p.square() * half_weights[:, None]).sum(-1)  # (g, c, NG)
+            logits = scale * qc @ kg[g0:g1].transpose(-1, -2) + log_counts + gain.log()
+            qblock = torch.arange(s0, s1, device=q.device) // bs
+            excluded = mask[g0:g1][:, qblock][..., group_block]  # (g, c, NG)
+            logits = logits.masked_fill(excluded, float("-inf"))
+            tail_lse = torch.logsumexp(logits, -1)  # (g, c)
+            weights = torch.softmax(logits, -1).nan_to_num(0.0)
+            inner = (weights / (counts * gain)).unsqueeze(-1) * p  # (g, c, NG, r)
+            tail = weights @ vg[g0:g1] + inner.flatten(2) @ cross  # (g, c, D)
+            merged = torch.logaddexp(lse[g0:g1, s0:s1], tail_lse)
+            share = torch.exp(tail_lse - merged).nan_to_num(0.0).unsqueeze(-1)
+            out[g0:g1, s0:s1].lerp_(tail, share)
+            lse[g0:g1, s0:s1] = merged
+    out = out.unflatten(0, (batch, heads)).transpose(1, 2)
+    return out, lse.unflatten(0, (batch, heads))
+
+
+def _orthonormal(x: torch.Tensor) -> torch.Tensor:
+    """Columns of ``x (..., D, r)`` made orthonormal (Gram-Schmidt, twice for accuracy); a
+    column in the span of those before it comes out near zero."""
+    for _ in range(2):
+        columns = []
+        for j in range(x.shape[-1]):
+            c = x[..., j]
+            for u in columns:
+                c = c - (c * u).sum(-1, keepdim=True) * u
+            columns.append(c / c.norm(dim=-1, keepdim=True).clamp_min(1e-30))
+        x = torch.stack(columns, -1)
+    return x
+
+
+def _subspace_start(group_size: int, rank: int, device: torch.device) -> torch.Tensor:
+    """A fixed ``(group_size, rank)`` start for the subspace iteration: mixes of a group's
+    tokens with signs from a fixed generator, the same on every device."""
+    generator = torch.Generator().manual_seed(0)
+    signs = torch.randint(0, 2, (group_size, rank), generator=generator).float() * 2 - 1
+    return signs.to(device)
 
 
 def _taylor_kernel_applies(q: torch.Tensor, out: torch.Tensor) -> bool:

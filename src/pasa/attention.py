@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from pasa.approximate import add_approximate_branch, add_grouped_taylor_branch, add_taylor_branch
+from pasa.approximate import (
+    add_approximate_branch,
+    add_grouped_taylor_branch,
+    add_principal_branch,
+    add_taylor_branch,
+)
 from pasa.backends.registry import get_backend
 from pasa.config import PASAConfig
 from pasa.estimate import block_mass_from_means, group_pool
@@ -333,6 +338,10 @@ def sparse_attention(
     elif config.approximate == "grouped_taylor":
         out, lse = add_grouped_taylor_branch(
             qt, kt, vt, plan, out, lse, group_size=config.group_size
+        )
+    elif config.approximate == "principal":
+        out, lse = add_principal_branch(
+            qt, kt, vt, plan, out, lse, group_size=config.group_size, rank=config.tail_rank
         )
     elif config.approximate:
         out, lse = add_approximate_branch(qt, kt, vt, plan, out, lse, group_size=config.group_size)

@@ -8,11 +8,11 @@ from typing import Literal
 
 Selection = Literal["top_p", "top_k"]
 BudgetMode = Literal["fixed", "online", "profile"]
-Approximation = Literal["group_means", "taylor", "grouped_taylor"]
+Approximation = Literal["group_means", "taylor", "grouped_taylor", "principal"]
 
 SELECTIONS = ("top_p", "top_k")
 BUDGET_MODES = ("fixed", "online", "profile")
-APPROXIMATIONS = ("group_means", "taylor", "grouped_taylor")
+APPROXIMATIONS = ("group_means", "taylor", "grouped_taylor", "principal")
 BACKENDS = ("auto", "reference", "flex", "fa4")
 GROUP_SIZES_HINT = "a divisor of block_size that is a multiple of 16 (16, 32, 64, ...)"
 
@@ -90,11 +90,15 @@ class PASAConfig:
             attends uniformly), ``"group_means"`` (one pooled key and value per group,
             DESIGN.md's branch; True means this), ``"grouped_taylor"`` (group logits, ``exp``
             to second order inside the groups; torch only, an option: on run 6's testbed it
-            wins two of four captions and loses one by 5-7 dB) or False (exact blocks only).
+            wins two of four captions and loses one by 5-7 dB), ``"principal"`` (group logits,
+            ``exp`` to second order about each group's own mean along its ``tail_rank`` leading
+            key directions; torch only) or False (exact blocks only).
             On the testbed the Taylor tail raised PSNR against dense from 15.6 / 18.5 / 21.7 to
             21.4 / 22.9 / 25.0 dB at densities 0.10 / 0.15 / 0.25 and took flicker from above
             dense's to below it; group means lost 5 dB on that checkpoint (runs 1-2;
             docs/results.md). See :mod:`pasa.approximate`.
+        tail_rank: key directions kept per left-out group by ``approximate="principal"`` (1 up
+            to the head size, which makes it the full per-group expansion).
         backend: ``"auto"``, ``"reference"``, ``"flex"`` or ``"fa4"``.
         check_finite: reject NaN / Inf inputs (judged from the estimate's group means for q and k
             and one min / max of v; one host sync per call, per model call under ``pasa.apply``).
@@ -119,6 +123,7 @@ class PASAConfig:
     min_step_density: float = 0.05
     profile_path: str | None = field(default=None, compare=False)
     approximate: bool | Approximation = "taylor"
+    tail_rank: int = 4
     backend: str = "auto"
     check_finite: bool = True
 
@@ -153,6 +158,8 @@ class PASAConfig:
             object.__setattr__(self, "approximate", "group_means")
         if self.approximate is not False and self.approximate not in APPROXIMATIONS:
             _fail("approximate", self.approximate, f"False, True or one of {APPROXIMATIONS}")
+        if not isinstance(self.tail_rank, int) or self.tail_rank < 1:
+            _fail("tail_rank", self.tail_rank, "an int >= 1 (at most the head size)")
         if not isinstance(self.steady_window, bool):
             _fail("steady_window", self.steady_window, "True or False")
         if not (

@@ -58,6 +58,11 @@ pasa_approximate          PASA with the group-mean branch (DESIGN.md section 4) 
 pasa_grouped_taylor       PASA with the grouped Taylor tail: each left-out group by its own mean
                           logit, exp to second order only inside the groups
                           (approximate = "grouped_taylor")
+pasa_principal            PASA with the principal tail: each left-out group by its own mean logit,
+                          exp to second order about it along the group's 4 leading key directions
+                          (approximate = "principal")
+pasa_principal2           the same with 2 directions a group (tail_rank = 2)
+pasa_principal8           the same with 8 directions a group (tail_rank = 8)
 window_taylor             the static window stretched in time plus the Taylor tail, fixed budget
 pasa_top_p                PASA with top-p rows (one coverage p per call) instead of top-k
 ========================  ========================================================================
@@ -247,6 +252,15 @@ STRATEGIES: dict[str, Strategy] = {
         Strategy("pasa_grouped_taylor",
                  "PASA with the grouped Taylor tail (group logits, second order inside groups)",
                  _pasa(approximate="grouped_taylor"), calibrated=True),
+        Strategy("pasa_principal",
+                 "PASA with the principal tail (group logits, 4 key directions a group)",
+                 _pasa(approximate="principal"), calibrated=True),
+        Strategy("pasa_principal2",
+                 "PASA with the principal tail at 2 key directions a group",
+                 _pasa(approximate="principal", tail_rank=2), calibrated=True),
+        Strategy("pasa_principal8",
+                 "PASA with the principal tail at 8 key directions a group",
+                 _pasa(approximate="principal", tail_rank=8), calibrated=True),
         Strategy("window_taylor",
                  "the static window stretched in time plus the Taylor tail (fixed budget)",
                  _pasa(approximate="taylor"),
