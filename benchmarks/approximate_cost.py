@@ -80,8 +80,18 @@ def measure(name: str, args: argparse.Namespace) -> dict:
         lambda: add_grouped_taylor_branch(qt, kt, vt, plan, out, lse, group_size=base.group_size)
     )
     row["principal_branch_ms"] = timed(
-        lambda: add_principal_branch(qt, kt, vt, plan, out, lse, group_size=base.group_size)
+        lambda: add_principal_branch(
+            qt, kt, vt, plan, out, lse, group_size=base.group_size, kernel=False
+        )
     )
+    try:  # the principal tail's Triton kernel (the default on CUDA)
+        row["principal_branch_kernel_ms"] = timed(
+            lambda: add_principal_branch(
+                qt, kt, vt, plan, out, lse, group_size=base.group_size, kernel=True
+            )
+        )
+    except Exception as exc:
+        row["principal_branch_kernel_error"] = repr(exc)[:300]
     try:  # the Triton per-query kernel (the default on CUDA for half-precision inputs)
         row["taylor_branch_kernel_ms"] = timed(
             lambda: add_taylor_branch(qt, kt, vt, plan, out, lse, kernel=True)

@@ -407,8 +407,8 @@ def test_taylor_branch_leaves_the_callers_tensors_alone():
         assert torch.equal(a, b)
 
 
-def test_taylor_kernel_is_refused_where_it_cannot_run():
-    # The Triton kernel runs on CUDA (or under Triton's interpreter): elsewhere, and for a head
+def test_tail_kernels_are_refused_where_they_cannot_run():
+    # The Triton kernels run on CUDA (or under Triton's interpreter): elsewhere, and for a head
     # size that is not a power of two, asking for it is an error, not a silent fallback.
     grid = (3, 7, 9)
     layout = make_layout(grid, block_size=64)
@@ -417,3 +417,6 @@ def test_taylor_kernel_is_refused_where_it_cannot_run():
     exact, lse = exact_part(q, k, v, mask, 64)
     with pytest.raises(ValueError, match="Triton Taylor kernel"):
         add_taylor_branch(q, k, v, plan, exact.float(), lse.float(), kernel=True)
+    with pytest.raises(ValueError, match="Triton principal kernel"):
+        add_principal_branch(q, k, v, plan, exact.float(), lse.float(), group_size=32,
+                             kernel=True)  # fmt: skip

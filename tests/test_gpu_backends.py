@@ -336,6 +336,28 @@ def test_taylor_kernel_matches_the_torch_tail_on_cuda(dim):
     assert (got_lse - want_lse).abs().max().item() < 2e-2
 
 
+@pytest.mark.parametrize("dim", [64, 128])
+def test_principal_kernel_matches_the_torch_tail_on_cuda(dim):
+    """The Triton per-query kernel of the principal tail (bf16 inputs, tf32 products) = the
+    torch path on the same plan."""
+    from pasa.approximate import add_principal_branch
+
+    grid, text = CASES[0]
+    q, k, v = _inputs(grid, text, torch.bfloat16, dim=dim)
+    layout = make_layout(grid, num_text_tokens=text, device="cuda")
+    qt, kt, vt = (layout.to_blocks(t) for t in (q, k, v))
+    config = pasa.PASAConfig(density=0.3, backend="flex", approximate=False)
+    out, lse, plan = pasa.sparse_attention(
+        qt, kt, vt, grid=grid, config=config, num_text_tokens=text, tiled=True, return_lse=True,
+        return_plan=True,
+    )  # fmt: skip
+    kw = dict(group_size=config.group_size)
+    want, want_lse = add_principal_branch(qt, kt, vt, plan, out, lse, kernel=False, **kw)
+    got, got_lse = add_principal_branch(qt, kt, vt, plan, out, lse, kernel=True, **kw)
+    assert (got - want).abs().max().item() < 2e-2
+    assert (got_lse - want_lse).abs().max().item() < 2e-2
+
+
 def test_flex_no_recompile_on_new_plan():
     import torch._dynamo.utils as dyn_utils
 

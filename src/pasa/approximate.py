@@ -312,6 +312,7 @@ def add_principal_branch(
     group_size: int,
     rank: int = PRINCIPAL_RANK,
     scale: float | None = None,
+    kernel: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge an estimate of attention over the unselected blocks that expands ``exp`` to second
     order about each left-out group's own mean, along that group's principal key directions.
@@ -338,12 +339,24 @@ def add_principal_branch(
     mean (``W_g`` is never formed), from a fixed start, then a Rayleigh-Ritz step: the result
     is deterministic.
 
+    The per-query part runs as one Triton kernel (``pasa/kernels/principal_triton.py``) on
+    CUDA for a power-of-two head size from 16 to 256: an online softmax over the groups, as
+    FlashAttention walks keys.
+
     Args and returns as :func:`add_approximate_branch`; ``rank``: directions per group, from 1
-    to the head size.
+    to the head size; ``kernel`` as :func:`add_taylor_branch`'s.
     """
     batch, seq, heads, dim = q.shape
     if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= dim:
         raise ValueError(f"rank must be an int from 1 to the head size {dim}, got {rank!r}")
+    applies = kernel is not False and _taylor_kernel_applies(q, out)
+    if kernel is None:
+        kernel = q.is_cuda and applies
+    elif kernel and not applies:
+        raise ValueError(
+            "the Triton principal kernel needs a power-of-two head size from 16 to 256, "
+            f"contiguous last dimensions and Triton (got head size {dim}, q on {q.device})"
+        )
     bs = plan.layout.block_size
     per_block = bs // group_size
     scale = dim**-0.5 if scale is None else scale
@@ -354,9 +367,15 @@ def add_principal_branch(
     group_block = torch.arange(num_groups, device=q.device) // per_block
     mask = plan.to_dense_mask().flatten(0, 1)  # (G, Nq, Nk)
     kg, vg = kg.flatten(0, 1), vg.flatten(0, 1)  # (G, NG, D)
-    qf = q.float().transpose(1, 2).flatten(0, 1)  # (G, S, D)
-    out = out.float().transpose(1, 2).flatten(0, 1).clone()  # (G, S, D)
-    lse = lse.flatten(0, 1).clone()  # (G, S)
+    if kernel:
+        from pasa.kernels.principal_triton import principal_merge
+
+        result = torch.empty(batch, seq, heads, dim, dtype=torch.float32, device=q.device)
+        result_lse = torch.empty(batch, heads, seq, dtype=torch.float32, device=q.device)
+    else:
+        qf = q.float().transpose(1, 2).flatten(0, 1)  # (G, S, D)
+        result = out.float().transpose(1, 2).flatten(0, 1).clone()  # (G, S, D)
+        result_lse = lse.flatten(0, 1).clone()  # (G, S)
     log_counts = counts.log()
     start = _subspace_start(group_size, rank, q.device)  # (gs, r)
 
@@ -380,9 +399,16 @@ def add_principal_branch(
         coords = kw @ basis  # (g, NG, gs, r): the keys about their mean, in the basis
         eigenvalues, rotation = torch.linalg.eigh(coords.transpose(-1, -2) @ coords)
         basis, coords = basis @ rotation, coords @ rotation  # Rayleigh-Ritz
-        cross = (coords.transpose(-1, -2) @ vw).flatten(1, 2)  # (g, NG * r, D): the z_j
-        basis = basis.permute(0, 2, 1, 3).flatten(2)  # (g, D, NG * r)
+        cross = coords.transpose(-1, -2) @ vw  # (g, NG, r, D): the z_j
         half_weights = eigenvalues.clamp_min(0.0) / (2.0 * counts[:, None])  # (g, NG, r)
+        if kernel:
+            moments = (kg[g0:g1], vg[g0:g1], basis, half_weights, cross, counts)
+            principal_merge(q, out, lse, moments, mask[g0:g1], g0, block_size=bs,
+                            group_size=group_size, scale=scale, res=result,
+                            res_lse=result_lse)  # fmt: skip
+            continue
+        cross = cross.flatten(1, 2)  # (g, NG * r, D)
+        basis = basis.permute(0, 2, 1, 3).flatten(2)  # (g, D, NG * r)
         rows = max(bs, (_CHUNK_ELEMENTS // ((g1 - g0) * num_groups * rank)) // bs * bs)
         for s0 in range(0, seq, rows):
             s1 = min(seq, s0 + rows)
@@ -397,12 +423,14 @@ def add_principal_branch(
             weights = torch.softmax(logits, -1).nan_to_num(0.0)
             inner = (weights / (counts * gain)).unsqueeze(-1) * p  # (g, c, NG, r)
             tail = weights @ vg[g0:g1] + inner.flatten(2) @ cross  # (g, c, D)
-            merged = torch.logaddexp(lse[g0:g1, s0:s1], tail_lse)
+            merged = torch.logaddexp(result_lse[g0:g1, s0:s1], tail_lse)
             share = torch.exp(tail_lse - merged).nan_to_num(0.0).unsqueeze(-1)
-            out[g0:g1, s0:s1].lerp_(tail, share)
-            lse[g0:g1, s0:s1] = merged
-    out = out.unflatten(0, (batch, heads)).transpose(1, 2)
-    return out, lse.unflatten(0, (batch, heads))
+            result[g0:g1, s0:s1].lerp_(tail, share)
+            result_lse[g0:g1, s0:s1] = merged
+    if kernel:
+        return result, result_lse
+    out = result.unflatten(0, (batch, heads)).transpose(1, 2)
+    return out, result_lse.unflatten(0, (batch, heads))
 
 
 def _orthonormal(x: torch.Tensor) -> torch.Tensor:
