@@ -15,6 +15,8 @@ no query is ever left without the context it did not compute exactly:
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from pasa.estimate import group_pool
@@ -350,6 +352,7 @@ def add_principal_branch(
     if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= dim:
         raise ValueError(f"rank must be an int from 1 to the head size {dim}, got {rank!r}")
     applies = kernel is not False and _taylor_kernel_applies(q, out)
+    auto = kernel is None
     if kernel is None:
         kernel = q.is_cuda and applies
     elif kernel and not applies:
@@ -403,9 +406,17 @@ def add_principal_branch(
         half_weights = eigenvalues.clamp_min(0.0) / (2.0 * counts[:, None])  # (g, NG, r)
         if kernel:
             moments = (kg[g0:g1], vg[g0:g1], basis, half_weights, cross, counts)
-            principal_merge(q, out, lse, moments, mask[g0:g1], g0, block_size=bs,
-                            group_size=group_size, scale=scale, res=result,
-                            res_lse=result_lse)  # fmt: skip
+            try:
+                principal_merge(q, out, lse, moments, mask[g0:g1], g0, block_size=bs,
+                                group_size=group_size, scale=scale, res=result,
+                                res_lse=result_lse)  # fmt: skip
+            except Exception as exc:  # e.g. too little shared memory on this GPU
+                if not auto or type(exc).__name__ != "OutOfResources":
+                    raise
+                warnings.warn(f"the principal tail's Triton kernel cannot run here ({exc}); "
+                              "using the torch path", stacklevel=2)  # fmt: skip
+                return add_principal_branch(q, k, v, plan, out, lse, group_size=group_size,
+                                            rank=rank, scale=scale, kernel=False)  # fmt: skip
             continue
         cross = cross.flatten(1, 2)  # (g, NG * r, D)
         basis = basis.permute(0, 2, 1, 3).flatten(2)  # (g, D, NG * r)

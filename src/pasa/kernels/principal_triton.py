@@ -156,6 +156,6 @@ def principal_merge(
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), lse.stride(2),
         scale,
-        D=dim, R=rank, BS=block_size, GPB=block_size // group_size, BLOCK_M=block_m, BLOCK_G=32,
-        num_warps=4 if dim <= 64 else 8,
+        D=dim, R=rank, BS=block_size, GPB=block_size // group_size, BLOCK_M=block_m,
+        BLOCK_G=32 if dim <= 64 else 16, num_warps=4 if dim <= 64 else 8, num_stages=1,
     )  # fmt: skip
