@@ -11,6 +11,9 @@ no query is ever left without the context it did not compute exactly:
 - ``"grouped_taylor"`` (:func:`add_grouped_taylor_branch`): both at once. Each left-out group
   enters with its own logit (as group means), and ``exp`` is expanded to second order only about
   each group's mean, through the spread of the keys and values inside their groups.
+- ``"principal"`` (:func:`add_principal_branch`): each left-out group with its own logit, ``exp``
+  expanded to second order about the group's own mean along its leading key directions, with
+  that group's own spread (not pooled over the row).
 """
 
 from __future__ import annotations
@@ -343,7 +346,11 @@ def add_principal_branch(
 
     The per-query part runs as one Triton kernel (``pasa/kernels/principal_triton.py``) on
     CUDA for a power-of-two head size from 16 to 256: an online softmax over the groups, as
-    FlashAttention walks keys.
+    FlashAttention walks keys. On run 6's testbed (docs/results.md) rank 4 is 4.6-4.9 dB closer
+    to dense than the Taylor tail on average and closer on every clip; at Wan2.1-14B 720p,
+    density 0.1, on an H200 the branch takes 456 ms with this first kernel (65 ms of it the
+    torch part above) and 705 ms in torch, against the Taylor kernel's 23 ms
+    (``benchmarks/results/approximate-cost-h200-principal.json``): an option, not the default.
 
     Args and returns as :func:`add_approximate_branch`; ``rank``: directions per group, from 1
     to the head size; ``kernel`` as :func:`add_taylor_branch`'s.
