@@ -21,11 +21,11 @@ def principal_merge_kernel(
     q_ptr,  # (B, S, H, D) tiled order, strides sqb, sqs, sqh, 1
     o_ptr,  # exact result (B, S, H, D), strides sob, sos, soh, 1
     lse_ptr,  # exact LSE (B, H, S) fp32, strides slb, slh, sls
-    km_ptr,  # (g, NG, D) in q's dtype: group mean keys
-    vm_ptr,  # (g, NG, D): group mean values
-    u_ptr,  # (g, R, NG, D): each group's leading key directions (R a power of two)
+    km_ptr,  # (g, NG, D) fp32: group mean keys
+    vm_ptr,  # (g, NG, D) fp32: group mean values
+    u_ptr,  # (g, R, NG, D) fp32: each group's leading key directions
     lam_ptr,  # (g, R, NG) fp32: s² λ_j / 2n_g
-    z_ptr,  # (g, R, NG, D): s z_j / n_g
+    z_ptr,  # (g, R, NG, D) fp32: s z_j / n_g
     logn_ptr,  # (NG,) fp32: log n_g
     sel_ptr,  # (g, NQ, NK) int8: 1 where the plan computed the block exactly
     res_ptr,  # (B, S, H, D) fp32 contiguous: merged output
@@ -64,14 +64,10 @@ def principal_merge_kernel(
     d = tl.arange(0, D)
     q = tl.load(
         q_ptr + b * sqb + rows[:, None] * sqs + h * sqh + d[None, :], mask=valid[:, None], other=0.0
-    ).to(km_ptr.dtype.element_ty)
+    ).to(tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D), tl.float32)
-    # The R directions of a tile's groups stacked direction-major: row j * BLOCK_G + i is group
-    # g_start + i's direction j, so one product gives every p_j and one more every Σ_j p_j z_j.
-    stack = tl.arange(0, R * BLOCK_G)
-    direction = stack // BLOCK_G
     for g_start in range(0, NG, BLOCK_G):
         gidx = g_start + tl.arange(0, BLOCK_G)
         gvalid = gidx < NG
@@ -80,14 +76,13 @@ def principal_merge_kernel(
         tile = (gl * NG + gidx)[:, None] * D + d[None, :]
         km = tl.load(km_ptr + tile, mask=gvalid[:, None], other=0.0)
         logit = tl.dot(q, tl.trans(km)) * scale + tl.load(logn_ptr + gidx, mask=gvalid, other=0.0)
-        sidx = g_start + stack % BLOCK_G
-        svalid = sidx < NG
-        srow = (gl * R + direction) * NG + sidx
-        u = tl.load(u_ptr + srow[:, None] * D + d[None, :], mask=svalid[:, None], other=0.0)
-        lam = tl.load(lam_ptr + srow, mask=svalid, other=0.0)
-        p = tl.dot(q, tl.trans(u))  # (BLOCK_M, R * BLOCK_G) fp32
-        quad = tl.sum(tl.reshape(lam[None, :] * p * p, (BLOCK_M, R, BLOCK_G)), 1)
-        gain = 1.0 + quad
+        gain = tl.full((BLOCK_M, BLOCK_G), 1.0, tl.float32)
+        for j in tl.static_range(R):
+            dtile = ((gl * R + j) * NG + gidx)[:, None] * D + d[None, :]
+            u = tl.load(u_ptr + dtile, mask=gvalid[:, None], other=0.0)
+            p = tl.dot(q, tl.trans(u))
+            lam = tl.load(lam_ptr + (gl * R + j) * NG + gidx, mask=gvalid, other=0.0)
+            gain += lam[None, :] * p * p
         logit = tl.where(left[None, :], logit + tl.log(gain), float("-inf"))
         m_new = tl.maximum(m_i, tl.max(logit, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -95,10 +90,13 @@ def principal_merge_kernel(
         w = tl.exp(logit - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(w, 1)
         vm = tl.load(vm_ptr + tile, mask=gvalid[:, None], other=0.0)
-        z = tl.load(z_ptr + srow[:, None] * D + d[None, :], mask=svalid[:, None], other=0.0)
-        coef = tl.reshape(tl.reshape(p, (BLOCK_M, R, BLOCK_G)) * (w / gain)[:, None, :],
-                          (BLOCK_M, R * BLOCK_G))  # fmt: skip
-        acc = acc * alpha[:, None] + tl.dot(w.to(vm.dtype), vm) + tl.dot(coef.to(z.dtype), z)
+        acc = acc * alpha[:, None] + tl.dot(w, vm)
+        coef = w / gain
+        for j in tl.static_range(R):
+            dtile = ((gl * R + j) * NG + gidx)[:, None] * D + d[None, :]
+            u = tl.load(u_ptr + dtile, mask=gvalid[:, None], other=0.0)
+            z = tl.load(z_ptr + dtile, mask=gvalid[:, None], other=0.0)
+            acc += tl.dot(coef * tl.dot(q, tl.trans(u)), z)
         m_i = m_new
     has_tail = l_i > 0.0
     l_safe = tl.where(has_tail, l_i, 1.0)
@@ -143,21 +141,14 @@ def principal_merge(
     _, seq, heads, dim = q.shape
     chunk, num_groups, rank = half_weights.shape
     nq, nk = selected.shape[1:]
-    # Products in the inputs' precision (bf16 / fp16 on the GPU, fp32 accumulation); the
-    # directions padded with zeros to a power of two (a zero direction adds nothing).
-    dtype = q.dtype
-    stacked = triton.next_power_of_2(rank)
-    extra = (0, stacked - rank)
-    u = torch.nn.functional.pad(basis, extra).permute(0, 3, 1, 2).to(dtype).contiguous()
-    lam = torch.nn.functional.pad(scale * scale * half_weights, extra).permute(0, 2, 1)
-    z = scale * cross / counts[:, None, None]  # (g, NG, r, D)
-    z = torch.nn.functional.pad(z, (0, 0, *extra)).transpose(1, 2).to(dtype).contiguous()
+    u = basis.permute(0, 3, 1, 2).contiguous()  # (g, r, NG, D)
+    lam = (scale * scale * half_weights).permute(0, 2, 1).contiguous()  # (g, r, NG)
+    z = (scale * cross / counts[:, None, None]).transpose(1, 2).contiguous()  # (g, r, NG, D)
     block_m = min(64 if dim <= 64 else 32, block_size & -block_size)
     grid = (chunk, nq, block_size // block_m)
     principal_merge_kernel[grid](
         q, out, lse,
-        k_mean.to(dtype).contiguous(), v_mean.to(dtype).contiguous(), u, lam.contiguous(), z,
-        counts.log().contiguous(),
+        k_mean.contiguous(), v_mean.contiguous(), u, lam, z, counts.log().contiguous(),
         selected.to(torch.int8).contiguous(),
         res, res_lse,
         seq, heads, num_groups, nq, nk, g0,
@@ -165,6 +156,6 @@ def principal_merge(
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), lse.stride(2),
         scale,
-        D=dim, R=stacked, BS=block_size, GPB=block_size // group_size, BLOCK_M=block_m,
-        BLOCK_G=32, num_warps=4 if dim <= 64 else 8, num_stages=1,
+        D=dim, R=rank, BS=block_size, GPB=block_size // group_size, BLOCK_M=block_m,
+        BLOCK_G=32 if dim <= 64 else 16, num_warps=4 if dim <= 64 else 8, num_stages=1,
     )  # fmt: skip
