@@ -114,3 +114,27 @@ def test_mp4_through_opencv_without_imageio_ffmpeg(monkeypatch, tmp_path):
     assert len(read) == 6 and read[0].shape == (32, 48, 3)
     red = [int(np.argmax(f[:, :, 2].mean(0))) // 8 for f in read]  # BGR: red is channel 2
     assert red == list(range(6))
+
+
+def test_demo_takes_the_tail_to_use(checkpoint, tmp_path, monkeypatch):
+    # --approximate reaches PASA's config (and the metrics JSON); "none" means exact blocks only.
+    from pasa.testbed import video_demo
+
+    seen = []
+    real = video_demo.run_video_demo
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["approximate"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(video_demo, "run_video_demo", spy)
+    common = ["--checkpoint", str(checkpoint), "--device", "cpu", "--no-progress", "--size", "64",
+              "--frames", "8", "--steps", "4", "--density", "0.25"]  # fmt: skip
+    assert main([*common, "--out", str(tmp_path / "p"), "--approximate", "principal"]) == 0
+    assert main([*common, "--out", str(tmp_path / "n"), "--approximate", "none"]) == 0
+    assert seen == ["principal", False]
+    data = json.loads((tmp_path / "p" / "metrics.json").read_text())
+    assert data["pasa_config"]["approximate"] == "principal"
+    assert isinstance(data["metrics"]["psnr"], float)
+    with pytest.raises(SystemExit):
+        main([*common, "--out", str(tmp_path / "x"), "--approximate", "linear"])

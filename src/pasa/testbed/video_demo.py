@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from pasa.config import APPROXIMATIONS
 from pasa.provenance import git_commit
 
 # CPU: 16 frames of 128 x 128 (16 x 16 x 16 tokens, 32 PASA blocks; the trainer mixes in 128-pixel
@@ -120,6 +121,7 @@ def run_video_demo(
     seed: int = 0,
     density: float = 0.15,
     budget: str = "online",
+    approximate: str | bool = "taylor",
     size: int | None = None,
     frames: int | None = None,
     steps: int | None = None,
@@ -133,6 +135,9 @@ def run_video_demo(
         out_dir: created if needed; the five files go here.
         caption: the prompt; None takes the first held-out evaluation caption.
         density: PASA's mean density; ``budget``: ``"online"`` (curvature) or ``"fixed"``.
+        approximate: PASA's estimate of the blocks it leaves out (``PASAConfig.approximate``):
+            ``"taylor"`` (the default), ``"principal"`` (closer to dense, dearer),
+            ``"group_means"``, ``"grouped_taylor"`` or False (exact blocks only).
         size, frames, steps: clip side in pixels, frames and Euler steps (see
             :func:`demo_settings` for the defaults).
         device: None picks CUDA when available.
@@ -159,7 +164,9 @@ def run_video_demo(
     model, config, record = load_model(checkpoint, device)
     settings = demo_settings(config, device, size=size, frames=frames, steps=steps)
     caption = caption if caption is not None else eval_captions(1, **config.clip_settings())[0]
-    pasa_config = get_strategy("pasa").config(density).replace(budget=budget)
+    pasa_config = (
+        get_strategy("pasa").config(density).replace(budget=budget, approximate=approximate)
+    )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     loaded = time.perf_counter()
@@ -226,6 +233,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--density", type=float, default=0.15, help="PASA's mean density")
     parser.add_argument("--budget", choices=("online", "fixed"), default="online")
+    parser.add_argument(
+        "--approximate",
+        choices=(*APPROXIMATIONS, "none"),
+        default="taylor",
+        help="estimate of the blocks PASA leaves out (default taylor; principal: closer to dense, "
+        "dearer; none: exact blocks only)",
+    )
     parser.add_argument("--size", type=int, help="clip side in pixels (CPU 128, GPU full)")
     parser.add_argument("--frames", type=int, help="clip frames (CPU 16, GPU full)")
     parser.add_argument("--steps", type=int, help=f"Euler steps (default {GPU_STEPS})")
@@ -246,6 +260,7 @@ def run_from_args(args: argparse.Namespace) -> int:
             seed=args.seed,
             density=args.density,
             budget=args.budget,
+            approximate=False if args.approximate == "none" else args.approximate,
             size=args.size,
             frames=args.frames,
             steps=args.steps,
