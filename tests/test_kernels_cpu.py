@@ -250,15 +250,23 @@ def test_topk_window_values_read_in_place(chunk):
 
 @in_child
 @pytest.mark.parametrize(
-    "grid,text,block_size,dim", [((5, 9, 11), 0, 64, 16), ((3, 10, 12), 7, 128, 32)]
+    "tail,grid,text,block_size,dim,options",
+    [
+        ("taylor", (5, 9, 11), 0, 64, 16, {}),
+        ("taylor", (3, 10, 12), 7, 128, 32, {}),
+        ("principal", (5, 9, 11), 0, 64, 16, {"group_size": 32, "rank": 2}),
+        ("principal", (3, 10, 12), 7, 128, 32, {"group_size": 64, "rank": 4}),
+    ],
 )
-def test_taylor_kernel_matches_the_torch_tail(grid, text, block_size, dim):
-    """The Triton per-query part of the Taylor tail = its torch statement (fp32: the
-    interpreter's bf16 dot is wrong), ragged last block, batch 2, a strided ``out``."""
-    from pasa.approximate import add_taylor_branch
+def test_tail_kernels_match_the_torch_tails(tail, grid, text, block_size, dim, options):
+    """The Triton per-query part of the Taylor and principal tails = their torch statements
+    (fp32: the interpreter's bf16 dot is wrong), ragged last block (and group), batch 2, a
+    strided ``out``, a row without a tail."""
+    from pasa.approximate import add_principal_branch, add_taylor_branch
     from pasa.layout import make_layout
     from pasa.plan import BlockPlan
 
+    branch = {"taylor": add_taylor_branch, "principal": add_principal_branch}[tail]
     layout = make_layout(grid, block_size=block_size, num_text_tokens=text)
     g = torch.Generator().manual_seed(1)
     seq = grid[0] * grid[1] * grid[2] + text
@@ -270,37 +278,7 @@ def test_taylor_kernel_matches_the_torch_tail(grid, text, block_size, dim):
     plan = BlockPlan.from_dense_mask(mask, layout)
     out = torch.randn(2, 3, seq, dim, generator=g).transpose(1, 2)  # strided, as kernels return
     lse = torch.randn(2, 3, seq, generator=g)
-    want, want_lse = add_taylor_branch(q, k, v, plan, out, lse, kernel=False)
-    got, got_lse = add_taylor_branch(q, k, v, plan, out, lse, kernel=True)
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(got_lse, want_lse, atol=1e-4, rtol=1e-5)
-
-
-@in_child
-@pytest.mark.parametrize(
-    "grid,text,block_size,group_size,dim,rank",
-    [((5, 9, 11), 0, 64, 32, 16, 2), ((3, 10, 12), 7, 128, 64, 32, 4)],
-)
-def test_principal_kernel_matches_the_torch_tail(grid, text, block_size, group_size, dim, rank):
-    """The Triton per-query part of the principal tail = its torch statement (fp32), ragged last
-    block and group, batch 2, a strided ``out``, a row without a tail."""
-    from pasa.approximate import add_principal_branch
-    from pasa.layout import make_layout
-    from pasa.plan import BlockPlan
-
-    layout = make_layout(grid, block_size=block_size, num_text_tokens=text)
-    g = torch.Generator().manual_seed(2)
-    seq = grid[0] * grid[1] * grid[2] + text
-    q, k, v = (torch.randn(2, seq, 3, dim, generator=g) for _ in range(3))
-    n = layout.num_blocks
-    mask = torch.rand(2, 3, n, n, generator=g) < 0.3
-    mask |= torch.eye(n, dtype=torch.bool)
-    mask[:, :, -1] = True  # a row without a tail
-    plan = BlockPlan.from_dense_mask(mask, layout)
-    out = torch.randn(2, 3, seq, dim, generator=g).transpose(1, 2)  # strided, as kernels return
-    lse = torch.randn(2, 3, seq, generator=g)
-    kw = dict(group_size=group_size, rank=rank)
-    want, want_lse = add_principal_branch(q, k, v, plan, out, lse, kernel=False, **kw)
-    got, got_lse = add_principal_branch(q, k, v, plan, out, lse, kernel=True, **kw)
+    want, want_lse = branch(q, k, v, plan, out, lse, kernel=False, **options)
+    got, got_lse = branch(q, k, v, plan, out, lse, kernel=True, **options)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got_lse, want_lse, atol=1e-4, rtol=1e-5)
