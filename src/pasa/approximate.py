@@ -22,11 +22,11 @@ import warnings
 
 import torch
 
+from pasa.config import PASAConfig
 from pasa.estimate import group_pool
 from pasa.plan import BlockPlan
 
 _CHUNK_ELEMENTS = 32 * 1024 * 1024
-PRINCIPAL_RANK = 4
 
 
 def add_approximate_branch(
@@ -149,14 +149,7 @@ def add_taylor_branch(
         x = x.to(dtype).transpose(1, 2).flatten(0, 1)
         return torch.nn.functional.pad(x, (0, 0, 0, pad)).unflatten(1, (nk, bs))
 
-    applies = kernel is not False and _taylor_kernel_applies(q, out)
-    if kernel is None:
-        kernel = q.is_cuda and half and applies
-    elif kernel and not applies:
-        raise ValueError(
-            "the Triton Taylor kernel needs a power-of-two head size from 16 to 256, contiguous "
-            f"last dimensions and Triton (got head size {dim}, q on {q.device})"
-        )
+    kernel = _use_kernel(kernel, q, out, name="Taylor", half_only=True)
     ka, va = by_head(k), by_head(v)
     qa = None if kernel else by_head(q)
     groups = batch * heads
@@ -315,7 +308,7 @@ def add_principal_branch(
     lse: torch.Tensor,
     *,
     group_size: int,
-    rank: int = PRINCIPAL_RANK,
+    rank: int = PASAConfig.tail_rank,
     scale: float | None = None,
     kernel: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -358,15 +351,8 @@ def add_principal_branch(
     batch, seq, heads, dim = q.shape
     if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= dim:
         raise ValueError(f"rank must be an int from 1 to the head size {dim}, got {rank!r}")
-    applies = kernel is not False and _taylor_kernel_applies(q, out)
     auto = kernel is None
-    if kernel is None:
-        kernel = q.is_cuda and applies
-    elif kernel and not applies:
-        raise ValueError(
-            "the Triton principal kernel needs a power-of-two head size from 16 to 256, "
-            f"contiguous last dimensions and Triton (got head size {dim}, q on {q.device})"
-        )
+    kernel = _use_kernel(kernel, q, out, name="principal", half_only=False)
     bs = plan.layout.block_size
     per_block = bs // group_size
     scale = dim**-0.5 if scale is None else scale
@@ -473,9 +459,27 @@ def _subspace_start(group_size: int, rank: int, device: torch.device) -> torch.T
     return signs.to(device)
 
 
-def _taylor_kernel_applies(q: torch.Tensor, out: torch.Tensor) -> bool:
-    """The Triton per-query kernel can run on these inputs: a power-of-two head size from 16 to
-    256, the last dimension contiguous, Triton importable (on the CPU only under its
+def _use_kernel(
+    kernel: bool | None, q: torch.Tensor, out: torch.Tensor, *, name: str, half_only: bool
+) -> bool:
+    """Whether a tail runs its Triton per-query kernel: ``kernel`` None takes it on CUDA wherever
+    it applies (with ``half_only``, for half-precision inputs only), False never, True always,
+    with a ValueError naming the ``name`` kernel where it cannot run."""
+    applies = kernel is not False and _tail_kernel_applies(q, out)
+    if kernel is None:
+        half = q.dtype in (torch.float16, torch.bfloat16)
+        return q.is_cuda and applies and (half or not half_only)
+    if kernel and not applies:
+        raise ValueError(
+            f"the Triton {name} kernel needs a power-of-two head size from 16 to 256, contiguous "
+            f"last dimensions and Triton (got head size {q.shape[-1]}, q on {q.device})"
+        )
+    return bool(kernel)
+
+
+def _tail_kernel_applies(q: torch.Tensor, out: torch.Tensor) -> bool:
+    """The tails' Triton per-query kernels can run on these inputs: a power-of-two head size
+    from 16 to 256, the last dimension contiguous, Triton importable (on the CPU only under its
     interpreter, ``TRITON_INTERPRET=1``)."""
     import os
 
