@@ -297,8 +297,8 @@ def test_sparse_attention_cuda_end_to_end(backend):
 @pytest.mark.parametrize("approximate", ["taylor", "grouped_taylor", "group_means", "principal"])
 @pytest.mark.parametrize("backend", ["flex", "reference"])
 def test_approximate_branches_on_cuda_match_the_cpu(backend, approximate):
-    """Each approximate branch on CUDA (bf16 inputs, the kernel's LSE; the Taylor tail's Triton
-    kernel) = the CPU's fp32 reference on the same plan."""
+    """Each approximate branch on CUDA (bf16 inputs, the kernel's LSE; the Taylor and principal
+    tails' Triton kernels) = the CPU's fp32 reference on the same plan."""
     grid, text = CASES[0]
     q, k, v = _inputs(grid, text, torch.bfloat16)
     config = pasa.PASAConfig(density=0.3, backend=backend, approximate=approximate)

@@ -325,8 +325,8 @@ def add_principal_branch(
 
     and the tail is the mass-weighted mixture of the groups' values. At ``r = D`` this is the
     second-order expansion about each group's own mean with its own key scatter and key-value
-    scatter; ``r`` leading directions make it cost about ``2r + 2`` times group means'
-    ``O(S·NG·D)``. Group means lose each group's spread; the Taylor tail expands about one mean
+    scatter; ``r`` leading directions make it cost about ``r + 1`` times group means'
+    ``O(S·NG·D)`` (``2r + 2`` dot products per query and group against their 2). Group means lose each group's spread; the Taylor tail expands about one mean
     for the whole row, wrong when the row's left-out logits spread by several units; the
     grouped Taylor tail pools the spread over the row. This keeps the groups' own logits and,
     along the directions that carry most of it, their own spread. It is exact where each

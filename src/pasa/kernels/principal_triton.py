@@ -2,7 +2,7 @@
 
 Each left-out group's mean key and value, leading key directions and their weights come from
 torch (a few batched matmuls per head). What remains is attention of every query over the
-groups with ``2r + 1`` dot products per query and group; in torch that is a stack of
+groups with ``2r + 2`` dot products per query and group; in torch that is a stack of
 ``(S, NG, r)`` intermediates. Here each program takes one tile of a query block's queries
 through every group of its head once, as an online softmax (the way FlashAttention walks keys),
 skipping nothing but the groups the plan computed exactly, and writes the merged output and LSE
